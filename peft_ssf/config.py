@@ -46,7 +46,11 @@ class SSFConfig(PeftConfig):
             scale at such sites and ``"error"`` refuses to adapt them.
         allow_unmergeable: norms without affine parameters cannot absorb scale and shift. By default targeting one
             is an error; ``True`` adapts it anyway and ``merge`` then refuses with a clear message.
-        fused: use the memory-saving training ops (same gradients as the naive formulation, see ``layer.py``).
+        fused: use the memory-saving training ops (same gradients as the naive formulation, see ``ops.py``).
+        pair_residuals: with ``fused``, let sites whose output feeds a residual add rebuild it from the add's
+            operands in backward instead of keeping it (see ``residual.py``): on ViT-B this removes most of SSF's
+            remaining activation memory. Turn off for models that modify their residual stream in place, or to make
+            ``saved_tensors_hooks`` (e.g. ``save_on_cpu``) see every saved tensor.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -86,6 +90,10 @@ class SSFConfig(PeftConfig):
         default=False, metadata={"help": "Allow norms without affine parameters (merge will then refuse)."}
     )
     fused: bool = field(default=True, metadata={"help": "Use the memory-saving fused training ops."})
+    pair_residuals: bool = field(
+        default=True,
+        metadata={"help": "Fused sites feeding a residual add rebuild their output from it in backward."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -20,12 +20,14 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
-from .ops import scale_shift_fused, scale_shift_naive
+from . import residual
+from .ops import RECONSTRUCT_MIN_SCALE, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
 MIN_UNMERGE_SCALE = 1e-4
@@ -76,7 +78,22 @@ class SSFLayer(BaseTunerLayer):
         scale, shift = self._broadcast_params(adapter, out)
         if not torch.is_grad_enabled():
             return scale_shift_naive(out, scale, shift)
-        return scale_shift_fused(out, scale, shift)
+        return scale_shift_fused(out, scale, shift, from_output=self._reconstructible(adapter), mode=residual.active())
+
+    def _reconstructible(self, adapter: str) -> bool:
+        """Whether every ``|scale|`` of ``adapter`` is >= ``RECONSTRUCT_MIN_SCALE`` (the fused op may keep its output).
+
+        Cached per version of the parameter (an optimizer step or ``load_state_dict`` bumps it), so a training step
+        costs one host-device sync per site only when the scales changed, not on every forward.
+        """
+        param = self.ssf_scale[adapter]
+        key = (param._version, param.data_ptr())
+        cache = self.__dict__.setdefault("_reconstructible_cache", {})
+        hit = cache.get(adapter)
+        if hit is None or hit[0] != key:
+            hit = (key, bool((param.detach().abs() >= RECONSTRUCT_MIN_SCALE).all()))
+            cache[adapter] = hit
+        return hit[1]
 
     # ----- adapter management ---------------------------------------------------------------------------------
     def update_layer(
@@ -340,6 +357,29 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         self.can_absorb_shift = base_layer.bias is not None
         super().__init__(base_layer, adapter_name, **kwargs)
 
+    def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.is_grad_enabled() or args or kwargs:
+            return super()._fused_forward(x, adapter, *args, **kwargs)
+        base = self.get_base_layer()
+        run = _DIRECT_OPS.get(type(base))
+        if run is None or not self._fold_is_cheaper(base, x):
+            return super()._fused_forward(x, adapter, *args, **kwargs)
+        # inference: scale the (smaller) weight instead of the output; same result up to rounding
+        scale, shift = self._adapter_tensors(adapter, self._compute_dtype())
+        params = self._merged_params(scale.to(base.weight.device), shift.to(base.weight.device) if shift is not None
+                                     else None)
+        weight = params["weight"].to(base.weight.dtype)
+        bias = params["bias"].to(base.bias.dtype) if "bias" in params else None
+        return run(base, x, weight, bias)
+
+    @staticmethod
+    def _fold_is_cheaper(base: nn.Module, x: torch.Tensor) -> bool:
+        """A pass over the weight vs a pass over the output: Linear folds when it sees more rows than input
+        features; a conv when its weight is smaller than its input (always for depthwise convs)."""
+        if isinstance(base, nn.Linear):
+            return x.dim() > 0 and x.numel() // max(x.shape[-1], 1) > base.in_features
+        return base.weight.numel() < x.numel()
+
 
 class Linear(_WeightBiasOp):
     """SSF after ``nn.Linear``: channels on the last output dim."""
@@ -393,6 +433,8 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
             if adapter in self.ssf_shift:
                 bias = bias + self.ssf_shift[adapter].to(base.bias.dtype)
             params["bias"] = bias
+        if type(base) is nn.LayerNorm and not args and not kwargs:  # skip functional_call's module swapping
+            return F.layer_norm(x, base.normalized_shape, params["weight"], params.get("bias"), base.eps)
         return functional_call(base, params, (x, *args), kwargs, strict=False)
 
 
@@ -453,6 +495,14 @@ class Embedding(_SSFModule):
         w = self.get_base_layer().weight.detach().to(scale.dtype)
         return {"weight": (w - shift) / scale if shift is not None else w / scale}
 
+
+#: base-layer types whose forward is one functional call with replaceable weight / bias (exact type match)
+_DIRECT_OPS: dict[type, Any] = {
+    nn.Linear: lambda m, x, w, b: F.linear(x, w, b),
+    nn.Conv1d: lambda m, x, w, b: m._conv_forward(x, w, b),
+    nn.Conv2d: lambda m, x, w, b: m._conv_forward(x, w, b),
+    nn.Conv3d: lambda m, x, w, b: m._conv_forward(x, w, b),
+}
 
 #: Supported base-layer types, checked in order (first match wins).
 LAYER_TYPES: tuple[tuple[type, type], ...] = (

@@ -13,6 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
+from . import residual
 from .config import SSFConfig
 from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
 from .presets import _examples, resolve_preset, supported_module_names
@@ -203,13 +204,29 @@ class SSFModel(BaseTuner):
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
 
+    # ----- training forward ------------------------------------------------------------------------------------
+    def _pairs_residuals(self) -> bool:
+        """Whether this forward should run with residual pairing: training, grad on, a fused active adapter asking."""
+        if not (self.model.training and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+            return False
+        for name in self.active_adapters:
+            config = self.peft_config.get(name)
+            if config is not None and getattr(config, "fused", True) and getattr(config, "pair_residuals", True):
+                return True
+        return False
+
     # ----- mixed-batch inference --------------------------------------------------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """Route ``model(x, adapter_names=[...])`` to every SSF layer and ``modules_to_save`` wrapper."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            yield
+            if self._pairs_residuals():
+                with residual.pairing() as mode:
+                    yield
+                self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
+            else:
+                yield
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .residual import KeptOutput, ResidualPairing
+
 # Below this magnitude the reconstruction (y - shift) / scale amplifies rounding noise too much.
 RECONSTRUCT_MIN_SCALE = 1e-3
 
@@ -37,43 +39,77 @@ def scale_shift_naive(h: torch.Tensor, scale: torch.Tensor, shift: Optional[torc
 
 
 class _ScaleShiftSaveOutput(torch.autograd.Function):
+    """``y = scale * h + shift`` keeping ``y`` (or, once paired, the residual stream) instead of ``h``.
+
+    Backward needs ``sum(g * h)`` for the scale; with ``h = (y - shift) / scale`` that is
+    ``(sum(g * y) - shift * sum(g)) / scale``, and ``sum(g)`` is the shift's gradient anyway, so ``h`` is never
+    rebuilt: two passes over the activation (``g * y`` and the reductions) plus ``g * scale`` for the input.
+    """
+
     @staticmethod
-    def forward(ctx, h: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(ctx, h, scale, shift, from_output, mode):  # type: ignore[override]
         y = h * scale if shift is None else torch.addcmul(shift, h, scale)
         ctx.has_shift = shift is not None
-        ctx.from_output = bool((scale.detach().abs() >= RECONSTRUCT_MIN_SCALE).all())
-        saved_act = y if ctx.from_output else h
-        if shift is None:
-            ctx.save_for_backward(saved_act, scale)
+        ctx.from_output = from_output
+        ctx.kept = None
+        if not from_output:
+            ctx.save_for_backward(h, scale, shift)
+        elif mode is not None:
+            ctx.kept = KeptOutput(y)  # may be paired with a residual add later in the forward
+            ctx.save_for_backward(scale, shift)
         else:
-            ctx.save_for_backward(saved_act, scale, shift)
+            ctx.save_for_backward(y, scale, shift)
         return y
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        if ctx.has_shift:
-            act, scale, shift = ctx.saved_tensors
+    def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        if ctx.kept is not None:
+            (scale, shift), act = ctx.saved_tensors, None
         else:
-            (act, scale), shift = ctx.saved_tensors, None
+            act, scale, shift = ctx.saved_tensors
         grad_h = grad_s = grad_t = None
         if ctx.needs_input_grad[0]:
             grad_h = grad_y * scale
-        if ctx.needs_input_grad[1]:
-            if ctx.from_output:
-                # rebuild h in at least float32: h = (y - shift) / scale
-                wide = torch.promote_types(act.dtype, torch.float32)
-                h = act.to(wide)
-                if shift is not None:
-                    h = h - shift.to(wide)
-                h = h / scale.to(wide)
-                grad_s = _reduce_to(grad_y.to(wide) * h, scale.shape).to(scale.dtype)
-            else:
-                grad_s = _reduce_to(grad_y * act, scale.shape)
-        if ctx.has_shift and ctx.needs_input_grad[2]:
+        need_s, need_t = ctx.needs_input_grad[1], ctx.has_shift and ctx.needs_input_grad[2]
+        if need_t:
             grad_t = _reduce_to(grad_y, shift.shape)
-        return grad_h, grad_s, grad_t
+        if need_s and not ctx.from_output:
+            grad_s = _reduce_to(grad_y * act, scale.shape)
+        elif need_s:
+            wide = torch.promote_types(grad_y.dtype, torch.float32)
+            y = ctx.kept.output(wide) if ctx.kept is not None else act.to(wide)
+            g = grad_y.to(wide)
+            gy = _reduce_to(g * y, scale.shape)
+            if shift is not None:
+                gsum = grad_t.to(wide) if grad_t is not None and grad_t.dtype == wide else _reduce_to(g, shift.shape)
+                gy = gy - shift.to(wide) * gsum
+            grad_s = (gy / scale.to(wide)).to(scale.dtype)
+        return grad_h, grad_s, grad_t, None, None
 
 
-def scale_shift_fused(h: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
-    """Memory-saving SSF op: same values and gradients as ``scale_shift_naive``, saves its output instead of ``h``."""
-    return _ScaleShiftSaveOutput.apply(h, scale, shift)
+def scale_shift_fused(
+    h: torch.Tensor,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    *,
+    from_output: Optional[bool] = None,
+    mode: Optional[ResidualPairing] = None,
+) -> torch.Tensor:
+    """Memory-saving SSF op: same values and gradients as ``scale_shift_naive``, keeps its output instead of ``h``.
+
+    Args:
+        from_output: whether every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (so the output can stand in for ``h``);
+            computed here when None. Layers pass a cached value to avoid a device sync per forward.
+        mode: the active ``residual.ResidualPairing`` (float32 / float64 outputs only); the output is tracked so
+            that, if it meets a residual add, the op keeps the add's operands instead of its own output.
+    """
+    if from_output is None:
+        from_output = bool((scale.detach().abs() >= RECONSTRUCT_MIN_SCALE).all())
+    if mode is not None and (not from_output or h.dtype not in (torch.float32, torch.float64)):
+        mode = None
+    y = _ScaleShiftSaveOutput.apply(h, scale, shift, from_output, mode)
+    if mode is not None and y.grad_fn is not None:
+        kept = getattr(y.grad_fn, "kept", None)
+        if kept is not None:
+            mode.track(y, kept)
+    return y

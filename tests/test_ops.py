@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES
 from peft import get_peft_model
 
-from peft_ssf import SSFConfig
+from peft_ssf import SSFConfig, residual
 from peft_ssf.ops import RECONSTRUCT_MIN_SCALE, scale_shift_fused, scale_shift_naive
 
 
@@ -71,3 +71,91 @@ def test_fused_and_naive_give_same_model_gradients(family, pixels):
     assert grads[True].keys() == grads[False].keys()
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ----- residual pairing ------------------------------------------------------------------------------------------
+
+
+def _paired_block(h, s, t, r, ln_weight):
+    """SSF output -> window-style reshuffle -> residual add -> LayerNorm, inside a pairing context."""
+    with residual.pairing() as mode:
+        y = scale_shift_fused(h, s, t, mode=mode)
+        y = y.view(2, 3, 2, 4).permute(0, 2, 1, 3).contiguous().view(2, 6, 4)
+        y = torch.roll(y, shifts=(1,), dims=(1,))
+        z = r + y
+        out = torch.nn.functional.layer_norm(z, (4,), ln_weight) * r  # r and z are both saved by later ops
+    return out, mode.paired
+
+
+def test_paired_op_passes_float64_gradcheck_through_reshuffles():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    s = (1 + 0.3 * torch.randn(4, dtype=torch.float64, generator=g)).requires_grad_()
+    t = torch.randn(4, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.randn(2, 6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, generator=g)
+    out, paired = _paired_block(h, s, t, r, w)
+    assert paired == 1
+    assert out.grad_fn is not None
+    assert torch.autograd.gradcheck(lambda a, b, c, d: _paired_block(a, b, c, d, w)[0], (h, s, t, r))
+
+
+def test_paired_op_keeps_no_output_of_its_own():
+    h = torch.randn(2, 6, 4, requires_grad=True)
+    s, t = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    r = torch.randn(2, 6, 4)
+    with residual.pairing() as mode:
+        y = scale_shift_fused(h, s, t, mode=mode)
+        z = r + y
+    assert mode.paired == 1 and y.grad_fn.kept.y is None and y.grad_fn.kept.pair[1].data_ptr() == z.data_ptr()
+    with residual.pairing() as mode:
+        y = scale_shift_fused(h.detach().bfloat16().requires_grad_(), s, t, mode=mode)
+        _ = r.bfloat16() + y  # a bf16 residual stream would swamp y in rounding: never paired
+    assert mode.paired == 0
+
+
+def test_in_place_change_of_the_residual_stream_is_an_error_not_a_wrong_gradient():
+    h = torch.randn(3, 4, requires_grad=True)
+    s, t = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with residual.pairing() as mode:
+        z = torch.randn(3, 4) + scale_shift_fused(h, s, t, mode=mode)
+    assert mode.paired == 1
+    loss = z.detach().sum() + (z * 2).sum()
+    with torch.no_grad():
+        z.add_(1.0)
+    with pytest.raises(RuntimeError, match="pair_residuals=False"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("family,expected_pairs", [("vit", 4), ("swin", 5), ("convnext", 0)])
+def test_pairing_matches_unpaired_gradients_on_real_models(family, expected_pairs, pixels):
+    """ViT: attention output and fc2 of both blocks pair; ConvNeXt's layer-scale multiply stops the pairing."""
+    grads, pairs = {}, {}
+    for pair in (True, False):
+        model = get_peft_model(FAMILIES[family](), SSFConfig(init_weights=False, pair_residuals=pair,
+                                                             modules_to_save=["classifier"]))
+        model.train()
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        grads[pair] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        pairs[pair] = getattr(model.base_model, "residual_pairs", None)
+        model.eval()
+        with torch.no_grad():
+            model(pixel_values=pixels)  # eval forwards never enter the pairing mode
+        assert getattr(model.base_model, "residual_pairs", None) == pairs[pair]
+    assert pairs == {True: expected_pairs, False: None}
+    for n, g in grads[False].items():
+        scale = max(g.abs().max().item(), 1e-4)  # key shifts have a zero true gradient: compare against rounding
+        assert (grads[True][n] - g).abs().max().item() <= 1e-5 * scale, n
+
+
+def test_cached_reconstruct_check_follows_in_place_scale_updates(pixels):
+    """The per-site 'scale large enough' flag is cached per parameter version: an update to ~0 is seen at once."""
+    model = get_peft_model(FAMILIES["vit"](), SSFConfig(target_modules=["fc2"], modules_to_save=["classifier"]))
+    model.train()
+    layer = model.base_model.model.vit.layers[0].mlp.fc2
+    assert layer._reconstructible("default")
+    with torch.no_grad():
+        layer.ssf_scale["default"][3] = RECONSTRUCT_MIN_SCALE / 100
+    assert not layer._reconstructible("default")
+    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    assert torch.isfinite(layer.ssf_scale["default"].grad).all()
