@@ -51,9 +51,9 @@ import peft_ssf  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
-METHODS = ("floor", "full", "lora", "ia3", "ln_tuning", "ssf_naive", "ssf_fused")
-#: opt-in extra method: the prototype of ``prototype_fusion.py`` (not library code)
-PROTOTYPES = ("ssf_proto",)
+METHODS = ("floor", "full", "lora", "ia3", "ln_tuning", "ssf_naive", "ssf_unpaired", "ssf_fused")
+#: the three SSF variants: ``SSFConfig(fused=False)``, ``SSFConfig(pair_residuals=False)``, the default
+SSF_VARIANTS = ("ssf_naive", "ssf_unpaired", "ssf_fused")
 NUM_LABELS = 100
 MIB = 2**20
 
@@ -190,15 +190,12 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
             config = IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
         elif method == "ln_tuning":
             config = LNTuningConfig(target_modules=LN_TARGETS[family], modules_to_save=head)
-        elif method in ("ssf_naive", "ssf_fused", "ssf_proto"):
-            config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive")
+        elif method in SSF_VARIANTS:
+            config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive",
+                                        pair_residuals=method == "ssf_fused")
         else:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS + PROTOTYPES}")
+            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         model = _quiet_peft(lambda: get_peft_model(shared, config))
-        if method == "ssf_proto":
-            from prototype_fusion import install
-
-            model = install(model)
     return model.train()
 
 
@@ -315,6 +312,29 @@ def _role(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".N", name)
 
 
+def held_outside_hooks(out: Any) -> list[tuple[torch.Tensor, int]]:
+    """Tensors that fused SSF ops keep for backward outside ``save_for_backward`` (hooks cannot see them).
+
+    With residual pairing (``SSFConfig(pair_residuals=True)``) a fused op's node carries a ``kept`` record: its own
+    output ``y`` or, once paired, the residual add's operands ``(r, z)``. Walks the graph behind ``out`` and returns
+    ``(tensor, id of the node)`` for each of them.
+    """
+    roots = [t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    found: list[tuple[torch.Tensor, int]] = []
+    seen: set[int] = set()
+    while roots:
+        node = roots.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        record = getattr(node, "kept", None)
+        if record is not None:
+            tensors = (record.y,) if record.pair is None else record.pair
+            found.extend((t, id(node)) for t in tensors if t is not None)
+        roots.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
 @dataclass
 class SavedReport:
     """Saved-for-backward storages of one forward pass."""
@@ -324,6 +344,14 @@ class SavedReport:
     ssf_only_bytes: dict[str, int]
     #: role -> number of SSF sites with that role
     ssf_sites: dict[str, int]
+
+
+def _is_ssf_op(module: Optional[nn.Module]) -> bool:
+    """Whether saves made with ``module`` innermost are the SSF op's own. A norm's SSF wrapper runs the norm itself
+    (with folded affine parameters), so what it saves is the norm's, as in the frozen model."""
+    from peft_ssf.layer import _AffineNorm
+
+    return isinstance(module, peft_ssf.SSFLayer) and not isinstance(module, _AffineNorm)
 
 
 def saved_activations(model: nn.Module, forward: Callable[[], torch.Tensor]) -> SavedReport:
@@ -349,21 +377,31 @@ def saved_activations(model: nn.Module, forward: Callable[[], torch.Tensor]) -> 
         if key[0] != 0 and key[0] not in skip and key[1] > 0:
             top = stack[-1] if stack else None
             name = _role(names.get(id(top), "")) if top is not None else "<model>"
-            savers.setdefault(key, set()).add((name, isinstance(top, peft_ssf.SSFLayer)))
-        return t
+            savers.setdefault(key, set()).add((name, _is_ssf_op(top)))
+        # detached: returning ``t`` itself would tie an op's saved output to the op's own node, a reference cycle
+        # inside autograd that keeps the whole graph alive after the forward's result is dropped
+        return t.detach()
+
+    node_owner: dict[int, str] = {}  # id(grad_fn of an SSF output) -> role of its SSF wrapper
+
+    def ssf_post(module: nn.Module, _args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            node_owner[id(output.grad_fn)] = _role(names.get(id(module), ""))
 
     handles = []
     for module in model.modules():
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
+        if isinstance(module, peft_ssf.SSFLayer):
+            handles.append(module.register_forward_hook(ssf_post))
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = forward()
-        retained = getattr(model, "retained_tensors", None)  # the prototype keeps tensors outside the hooks
-        for t, owner in retained() if callable(retained) else []:
+        for t, node in held_outside_hooks(out):
             key = _storage_key(t)
             if key[0] not in skip:
-                savers.setdefault(key, set()).add((_role(names.get(owner, "")), True))
+                role = node_owner.get(node, "<SSF op, kept outside save_for_backward>")
+                savers.setdefault(key, set()).add((role, True))
         del out
     finally:
         for h in handles:
@@ -394,12 +432,17 @@ class LiveTensorPeak(TorchDispatchMode):
         self.live -= nbytes
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # views and in-place results share an input's storage: not an allocation (``weight.t()`` of a parameter
+        # would otherwise count the whole parameter as new memory)
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor) and not t.is_meta:
                 st = t.untyped_storage()
                 ptr, nbytes = st.data_ptr(), st.nbytes()
-                if ptr and ptr not in self._alive:
+                if ptr and ptr not in self._alive and ptr not in inputs:
                     self._alive.add(ptr)
                     self.live += nbytes
                     self.peak = max(self.peak, self.live)
@@ -642,7 +685,30 @@ def render_readme_section(out_dir: Path = RESULTS_DIR) -> str:
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "README_performance.md").write_text(text)
+    if out_dir.resolve() == RESULTS_DIR.resolve():
+        update_readme(blocks[:2])
     return text
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START = "<!-- performance:start (generated by `python benchmarks/train_cost.py --markdown`) -->"
+README_END = "<!-- performance:end -->"
+
+
+def update_readme(blocks: list[str], readme: Path = README) -> bool:
+    """Replace the README text between the performance markers with ``blocks`` (targets and training cost);
+    returns False (and leaves the file alone) when the markers are missing."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    body = "\n\n".join(blocks) if blocks else "No benchmark results yet."
+    new = text[: start + len(README_START)] + "\n" + body + "\n" + text[end:]
+    if new != text:
+        readme.write_text(new)
+    return True
 
 
 def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
@@ -680,8 +746,8 @@ METHOD_LABELS = {
     "ia3": "IA3",
     "ln_tuning": "LN-tuning",
     "ssf_naive": "SSF naive",
-    "ssf_fused": "SSF fused (default)",
-    "ssf_proto": "SSF prototype (lean + residual pairing; not in the library)",
+    "ssf_unpaired": "SSF fused, pair_residuals=False",
+    "ssf_fused": "SSF fused + residual pairing (default)",
 }
 
 
@@ -771,3 +837,22 @@ def scaling_summary_markdown(data: dict[str, Any]) -> str:
             + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
+
+
+def gradient_error(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest difference between the SSF parameter gradients of two models on one batch, relative to the largest
+    gradient of that parameter (floored at 1e-3 of the largest gradient of its kind: the key projections' shift has
+    a true gradient of 0, only rounding noise)."""
+    grads = []
+    for model in (model_a, model_b):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(logits_of(model, x).float(), y).backward()
+        grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
+                      if p.grad is not None and ".ssf_" in n})
+        model.zero_grad(set_to_none=True)
+    top = {kind: max(g.abs().max().item() for n, g in grads[0].items() if kind in n) for kind in ("scale", "shift")}
+    worst = 0.0
+    for name, ga in grads[0].items():
+        ref = max(ga.abs().max().item(), 1e-3 * top["scale" if "scale" in name else "shift"], 1e-30)
+        worst = max(worst, (ga - grads[1][name]).abs().max().item() / ref)
+    return worst

@@ -11,7 +11,6 @@ Usage:
     python benchmarks/inference_latency.py --families vit --batches 8 --repeats 10
     python benchmarks/inference_latency.py --device cuda --dtype bf16 --batches 1 64
     python benchmarks/inference_latency.py --quick
-    python benchmarks/inference_latency.py --prototype        # + unmerged with prototype_fusion's on-the-fly fold
 """
 
 from __future__ import annotations
@@ -55,12 +54,6 @@ def build_variants(family: str, args: argparse.Namespace) -> tuple[dict[str, nn.
         "merged_is_base_graph": same,
     }
     models = {"base": base, "unmerged": unmerged.eval(), "merged": merged.eval()}
-    if args.prototype:
-        from prototype_fusion import install
-
-        proto = copy.deepcopy(unmerged)  # same adapter values
-        install(proto, pairing=False)
-        models["unmerged_proto"] = proto.eval()
     return {k: m.to(args.device) for k, m in models.items()}, info
 
 
@@ -75,10 +68,6 @@ def run_family(family: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             ref = C.logits_of(models["unmerged"], x).float()
             out = C.logits_of(models["merged"], x).float()
             merge_err = ((out - ref).abs().max() / ref.abs().max()).item()
-            proto_err = None
-            if "unmerged_proto" in models:
-                alt = C.logits_of(models["unmerged_proto"], x).float()
-                proto_err = ((alt - ref).abs().max() / ref.abs().max()).item()
             jobs = {name: (lambda m=m, x=x: C.logits_of(m, x)) for name, m in models.items()}
             times, wall = C.interleaved_times(jobs, args.warmup, args.repeats, args.device)
         med = {k: C.median(v) for k, v in times.items()}
@@ -89,14 +78,12 @@ def run_family(family: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "image_size": args.image_size,
             **info,
             "merged_vs_unmerged_rel_err": merge_err,
-            "proto_vs_unmerged_rel_err": proto_err,
             "base_ms": 1e3 * med["base"],
             "unmerged_ms": 1e3 * med["unmerged"],
             "merged_ms": 1e3 * med["merged"],
             "images_per_s": {k: batch / v for k, v in med.items()},
             "ratio_unmerged": med["unmerged"] / med["base"],
             "ratio_merged": med["merged"] / med["base"],
-            "ratio_unmerged_proto": med["unmerged_proto"] / med["base"] if "unmerged_proto" in med else None,
             "times_s": times,
             "wall_s": wall,
         })
@@ -114,7 +101,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="measured rounds, default 7 (2 with --quick)")
-    parser.add_argument("--prototype", action="store_true", help="also time the prototype's unmerged forward")
     args = parser.parse_args(argv)
     if args.markdown:
         print(C.render_readme_section(args.out))
@@ -124,8 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.image_size = args.image_size or (32 if args.quick else 224)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.repeats = args.repeats or (2 if args.quick else 7)
-    cfg = {k: getattr(args, k) for k in ("batches", "image_size", "warmup", "repeats", "device", "dtype", "quick",
-                                         "prototype")}
+    cfg = {k: getattr(args, k) for k in ("batches", "image_size", "warmup", "repeats", "device", "dtype", "quick")}
     payload: dict[str, Any] = {"meta": C.machine_info(args.device, args.dtype), "config": cfg, "rows": []}
     for family in args.families:
         payload["rows"].extend(run_family(family, args))
@@ -141,12 +126,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"| {r['model']} | {r['batch']} | {ips['base']:.2f} | {ips['unmerged']:.2f} | {ips['merged']:.2f} | "
             f"{r['sites']} | {r['base_params']:,} / {r['merged_params']:,} | {r['merged_vs_unmerged_rel_err']:.1e} |"
         )
-    if args.prototype:
-        details += ["", "| model | batch | SSF unmerged | unmerged, prototype fold (not in the library) |",
-                    "|---|---|---|---|"]
-        details += [f"| {r['model']} | {r['batch']} | {C.fmt_ratio(r['ratio_unmerged'])} | "
-                    f"{C.fmt_ratio(r['ratio_unmerged_proto'])} (rel. err {r['proto_vs_unmerged_rel_err']:.1e}) |"
-                    for r in payload["rows"]]
     markdown = f"## Inference latency\n\n{table}\n\n" + "\n".join(details)
     print(markdown)
     C.write_results(args.out, "inference_latency", payload, markdown, "inference_latency.py")

@@ -7,7 +7,7 @@ Saved-activation bytes are exact; they grow linearly with batch and with the tok
 Usage:
     python benchmarks/scaling.py                # ViT-B/16: batch 1, 2, 4, 8 @224; 160, 224, 288px @ batch 4
     python benchmarks/scaling.py --family convnext --batches 2 4 --image-sizes 224
-    python benchmarks/scaling.py --methods floor ssf_fused ssf_proto
+    python benchmarks/scaling.py --methods floor ssf_unpaired ssf_fused
     python benchmarks/scaling.py --device cuda --dtype bf16 --batches 32 64 128
     python benchmarks/scaling.py --quick
 """
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
     parser.add_argument("--family", default="vit", choices=C.FAMILIES)
-    parser.add_argument("--methods", nargs="+", default=["floor", "lora", "ssf_naive", "ssf_fused"],
-                        choices=C.METHODS + C.PROTOTYPES)
+    parser.add_argument("--methods", nargs="+", default=["floor", "lora", "ssf_naive", "ssf_unpaired", "ssf_fused"],
+                        choices=C.METHODS)
     parser.add_argument("--batches", nargs="+", type=int, default=None, help="default 1 2 4 8 (1 2 with --quick)")
     parser.add_argument("--image-sizes", nargs="+", type=int, default=None,
                         help="default 160 224 288 (32 48 with --quick)")

@@ -2,24 +2,26 @@
 
 Methods (classifier head trainable for all of them): ``floor`` (everything frozen except one bias in the first block,
 so backward still runs through every block: the least any method in the first block can cost), ``full``, ``lora``
-(r=8 on q,v), ``ia3`` (k,v,fc2), ``ln_tuning``, ``ssf_naive`` (SSFConfig(fused=False)), ``ssf_fused`` (the default).
-``ssf_proto`` (opt-in) is the prototype of ``prototype_fusion.py``. All methods of a model live in one process and
+(r=8 on q,v), ``ia3`` (k,v,fc2), ``ln_tuning``, ``ssf_naive`` (SSFConfig(fused=False)), ``ssf_unpaired``
+(SSFConfig(pair_residuals=False)) and ``ssf_fused`` (the default). All methods of a model live in one process and
 share the frozen weights; steps are interleaved, medians are taken after warm-up, ratios are to the floor. Per SSF
 site type the script also reports the bytes saved for backward by the SSF op alone (nothing else saves them).
 
 Usage:
     python benchmarks/train_cost.py                               # ViT-B/16, Swin-B, ConvNeXt-B @224, batch 8, CPU
     python benchmarks/train_cost.py --families vit --steps 3      # one model, fewer steps
-    python benchmarks/train_cost.py --methods floor ssf_fused ssf_proto
+    python benchmarks/train_cost.py --methods floor ssf_unpaired ssf_fused
     python benchmarks/train_cost.py --device cuda --dtype bf16 --batch 64
     python benchmarks/train_cost.py --quick                       # tiny configs (smoke test)
     python benchmarks/train_cost.py --markdown                    # only re-render results/README_performance.md
     python benchmarks/train_cost.py --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
+    python benchmarks/train_cost.py --update-peaks                # re-measure only the peaks of train_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,11 +47,9 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     log(f"[{spec.label}] saved activations ...")
     reports = {m: C.saved_activations(tr.model, lambda tr=tr: tr.forward_loss(x, y)) for m, tr in trainers.items()}
     grad_error = None
-    if "ssf_proto" in trainers and "ssf_fused" in trainers:
-        from prototype_fusion import gradient_error
-
-        grad_error = gradient_error(trainers["ssf_fused"].model, trainers["ssf_proto"].model, x, y)
-        log(f"[{spec.label}] prototype vs fused SSF gradients: max rel. difference {grad_error:.2e}")
+    if "ssf_unpaired" in trainers and "ssf_fused" in trainers:
+        grad_error = C.gradient_error(trainers["ssf_unpaired"].model, trainers["ssf_fused"].model, x, y)
+        log(f"[{spec.label}] paired vs unpaired SSF gradients: max rel. difference {grad_error:.2e}")
     log(f"[{spec.label}] timing {len(trainers)} methods x ({args.warmup} warm-up + {args.steps}) steps ...")
     jobs = {m: (lambda tr=tr: tr.step(x, y)) for m, tr in trainers.items()}
     times, wall = C.interleaved_times(jobs, args.warmup, args.steps, args.device)
@@ -74,7 +74,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         r["ratio_saved"] = r["saved_bytes"] / floor["saved_bytes"] if floor else None
         r["ratio_peak"] = r["peak_bytes"] / floor["peak_bytes"] if floor else None
     sites: dict[str, dict[str, Any]] = {}
-    for m in ("ssf_naive", "ssf_fused", "ssf_proto"):
+    for m in C.SSF_VARIANTS:
         if m not in reports:
             continue
         for role, count in reports[m].ssf_sites.items():
@@ -83,10 +83,44 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         "model": spec.label,
         "family": family,
         "load_avg_1m": [load_start, os.getloadavg()[0]],
-        "prototype_grad_rel_diff": grad_error,
+        "pairing_grad_rel_diff": grad_error,
         "methods": methods,
         "ssf_only_saved_bytes_by_site": sites,
     }
+
+
+def update_peaks(args: argparse.Namespace) -> dict[str, Any]:
+    """Re-measure only the peak step memory of an existing ``train_cost.json`` (deterministic, so a separate process
+    is fine) and re-render its Markdown; used after a change to the peak tracker."""
+    path = args.out / "train_cost.json"
+    payload = json.loads(path.read_text())
+    cfg = payload["config"]
+    for family, run in payload["runs"].items():
+        if family not in args.families:
+            continue
+        base = C.build_model(family, image_size=cfg["image_size"], quick=cfg["quick"])
+        x, y = C.make_batch(cfg["batch"], cfg["image_size"], args.device)
+        for method, rec in run["methods"].items():
+            trainer = C.Trainer(C.prepare(method, base, family), args.device, cfg["dtype"])
+            trainer.step(x, y)  # optimizer state exists before the measured step, as in the main run
+            rec["peak_bytes"], rss = C.step_peak_bytes(trainer, x, y, rss=args.rss)
+            rec["rss_delta_bytes"] = rss if args.rss else rec.get("rss_delta_bytes")
+            log(f"[{run['model']}] {method}: peak {rec['peak_bytes'] / C.MIB:,.0f} MiB")
+            del trainer
+        floor = run["methods"]["floor"]["peak_bytes"]
+        for rec in run["methods"].values():
+            rec["ratio_peak"] = rec["peak_bytes"] / floor
+        payload.setdefault("peak_remeasured", {})[family] = C.machine_info(args.device, cfg["dtype"])["date"]
+    write_payload(args.out, payload)
+    return payload
+
+
+def write_payload(out: Path, payload: dict[str, Any]) -> None:
+    """Write ``train_cost.json`` / ``.md`` (and the README section) from a payload."""
+    cfg = payload["config"]
+    sections = [family_markdown(run, cfg) for run in payload["runs"].values()]
+    markdown = f"## Training cost\n\n{C.train_summary_markdown(payload)}\n\n" + "\n\n".join(sections)
+    C.write_results(out, "train_cost", payload, markdown, "train_cost.py")
 
 
 def family_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -105,7 +139,7 @@ def family_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> str:
     sites = run["ssf_only_saved_bytes_by_site"]
     floor = run["methods"].get("floor")
     if sites and floor:
-        variants = [m for m in ("ssf_naive", "ssf_fused", "ssf_proto") if m in run["methods"]]
+        variants = [m for m in C.SSF_VARIANTS if m in run["methods"]]
         lines += [
             "",
             "Bytes saved for backward by the SSF op alone (no other op saves the same storage), per site type; "
@@ -124,35 +158,30 @@ def family_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> str:
             lines.append(f"| `{role}` | {rec['sites']} | " + " | ".join(cells) + " |")
         if zero:
             lines.append("\nNo SSF-only saved bytes at: " + ", ".join(f"`{r}`" for r in zero) + ".")
-    if run.get("prototype_grad_rel_diff") is not None:
+    if run.get("pairing_grad_rel_diff") is not None:
         lines.append(
-            f"\nPrototype vs fused SSF parameter gradients: max relative difference "
-            f"{run['prototype_grad_rel_diff']:.1e}."
+            f"\nSSF parameter gradients with vs without residual pairing: max relative difference "
+            f"{run['pairing_grad_rel_diff']:.1e}."
         )
     lines.append(f"\nLoad average (1 min) at start / end: {run['load_avg_1m'][0]:.1f} / {run['load_avg_1m'][1]:.1f}.")
     return "\n".join(lines)
 
 
-OP_VARIANTS = ("core naive", "core fused", "prototype lean op", "prototype lean linear")
+OP_VARIANTS = ("naive", "fused")
 
 
 def _site_step(kind: str, linear: Any, x: Any, scale: Any, shift: Any) -> None:
-    """Forward + backward of one frozen Linear followed by the SSF variant ``kind`` (or nothing)."""
-    import prototype_fusion as P
+    """Forward + backward of one frozen Linear followed by the SSF op ``kind`` (or nothing)."""
     import torch
 
     from peft_ssf.ops import scale_shift_fused, scale_shift_naive
 
     if kind == "linear only":
         y = linear(x)
-    elif kind == "core naive":
+    elif kind == "naive":
         y = scale_shift_naive(linear(x), scale, shift)
-    elif kind == "core fused":
-        y = scale_shift_fused(linear(x), scale, shift)
-    elif kind == "prototype lean op":
-        y = P._LeanScaleShift.apply(linear(x), scale, shift, [])
     else:
-        y = P._LeanLinear.apply(x, linear.weight, linear.bias, scale, shift, [])
+        y = scale_shift_fused(linear(x), scale, shift)
     y.backward(torch.ones_like(y))
     x.grad = scale.grad = shift.grad = None
 
@@ -196,12 +225,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
     parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.FAMILIES)
-    parser.add_argument("--methods", nargs="+", default=list(C.METHODS), choices=C.METHODS + C.PROTOTYPES)
+    parser.add_argument("--methods", nargs="+", default=list(C.METHODS), choices=C.METHODS)
     parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 with --quick)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 5, 1 with --quick)")
     parser.add_argument("--op-costs", action="store_true", help="only time the SSF ops per ViT-B site shape")
+    parser.add_argument("--update-peaks", action="store_true",
+                        help="only re-measure the peak step memory of the families in an existing train_cost.json")
     args = parser.parse_args(argv)
     if args.markdown:
         print(C.render_readme_section(args.out))
@@ -213,20 +244,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (1 if args.quick else 5)
     if args.op_costs:
         return op_costs(args)
+    if args.update_peaks:
+        return update_peaks(args)
     if "floor" not in args.methods:
         args.methods = ["floor", *args.methods]
     cfg = {k: getattr(args, k) for k in ("batch", "image_size", "warmup", "steps", "device", "dtype", "quick")}
     cfg["methods"] = args.methods
     payload: dict[str, Any] = {"meta": C.machine_info(args.device, args.dtype), "config": cfg, "runs": {}}
-    sections = []
     for family in args.families:
         run = run_family(family, args)
         payload["runs"][family] = run
-        sections.append(family_markdown(run, cfg))
-        print(sections[-1] + "\n", flush=True)
-        summary = C.train_summary_markdown(payload)  # written after every model: a crash keeps what was done
-        markdown = f"## Training cost\n\n{summary}\n\n" + "\n\n".join(sections)
-        C.write_results(args.out, "train_cost", payload, markdown, "train_cost.py")
+        print(family_markdown(run, cfg) + "\n", flush=True)
+        write_payload(args.out, payload)  # after every model: a crash keeps what was done
     log(f"wrote {args.out}/train_cost.json and .md")
     return payload
 

@@ -24,7 +24,7 @@ QUICK = ["--quick", "--threads", "1"]
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     args = [*QUICK, "--out", str(out)]
-    methods = ["floor", "lora", "ssf_naive", "ssf_fused", "ssf_proto"]
+    methods = ["floor", "lora", *common.SSF_VARIANTS]
     train_cost.main([*args, "--families", "vit", "--methods", *methods, "--warmup", "0"])
     inference_latency.main([*args, "--families", "vit", "--batches", "2", "--warmup", "0", "--repeats", "1"])
     merge_time.main([*args, "--families", "vit"])
@@ -42,16 +42,28 @@ def test_train_cost_json(results: Path) -> None:
     assert {"date", "torch", "transformers", "peft", "cpu", "device"} <= set(data["meta"])
     run = data["runs"]["vit"]
     methods = run["methods"]
-    assert set(methods) == {"floor", "lora", "ssf_naive", "ssf_fused", "ssf_proto"}
+    assert set(methods) == {"floor", "lora", "ssf_naive", "ssf_unpaired", "ssf_fused"}
     for rec in methods.values():
         assert rec["time_s"] > 0 and rec["saved_bytes"] > 0 and rec["peak_bytes"] > 0 and rec["trainable"] > 0
     assert methods["floor"]["ratio_time"] == methods["floor"]["ratio_saved"] == 1.0
     # byte counts are exact, so these are properties of the ops, not of the machine
-    assert methods["ssf_fused"]["saved_bytes"] < methods["ssf_naive"]["saved_bytes"]
-    assert methods["ssf_proto"]["saved_bytes"] <= methods["ssf_fused"]["saved_bytes"]
-    assert run["prototype_grad_rel_diff"] < 1e-4
-    sites = run["ssf_only_saved_bytes_by_site"]
-    assert any(role.endswith("mlp.fc2") and rec["ssf_fused"] > 0 for role, rec in sites.items())
+    assert methods["ssf_unpaired"]["saved_bytes"] < methods["ssf_naive"]["saved_bytes"]
+    assert methods["ssf_fused"]["saved_bytes"] < methods["ssf_unpaired"]["saved_bytes"]
+    assert run["pairing_grad_rel_diff"] < 1e-4
+    # fc2's output only feeds the residual add: kept by the unpaired op, rebuilt from the add when paired
+    fc2 = [rec for role, rec in run["ssf_only_saved_bytes_by_site"].items() if role.endswith("mlp.fc2")]
+    assert fc2 and all(rec["ssf_unpaired"] > 0 and rec["ssf_fused"] == 0 for rec in fc2)
+
+
+def test_peaks_can_be_remeasured_in_place(results: Path) -> None:
+    before = _load(results, "train_cost")
+    train_cost.main([*QUICK, "--out", str(results), "--update-peaks"])
+    after = _load(results, "train_cost")
+    assert "vit" in after["peak_remeasured"]
+    assert after["runs"]["vit"]["methods"]["floor"]["ratio_peak"] == 1.0
+    assert after["runs"]["vit"]["methods"]["ssf_fused"]["times_s"] == before["runs"]["vit"]["methods"]["ssf_fused"][
+        "times_s"
+    ]
 
 
 def test_inference_json(results: Path) -> None:
@@ -71,7 +83,18 @@ def test_merge_and_scaling_json(results: Path) -> None:
 
 def test_readme_section_is_rendered_from_results(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
     text = (results / "README_performance.md").read_text()
-    assert text.count("**") >= 8 and "## Performance" in text and "SSF fused (default)" in text
+    assert text.count("**") >= 8 and "## Performance" in text and "SSF fused + residual pairing (default)" in text
     train_cost.main(["--markdown", "--out", str(results)])
     assert capsys.readouterr().out.strip() == text.strip()
     assert "No benchmark results yet" in common.render_readme_section(results / "empty")
+
+
+def test_readme_block_between_markers_is_replaced(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{common.README_START}\nold numbers\n{common.README_END}\n\nrest\n")
+    assert common.update_readme(["| a |", "| b |"], readme)
+    text = readme.read_text()
+    assert "old numbers" not in text and "| a |\n\n| b |" in text and text.endswith("rest\n")
+    (tmp_path / "plain.md").write_text("no markers\n")
+    assert not common.update_readme(["| a |"], tmp_path / "plain.md")
+    assert (tmp_path / "plain.md").read_text() == "no markers\n"
