@@ -601,7 +601,7 @@ def render_plot(data: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Transfer from the shapes_textures backbone (mean ± std over seeds)")
-    ax.legend(fontsize=8, ncol=4, loc="lower left")
+    ax.legend(fontsize=8, ncol=2, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     ax2.set_xscale("log")
     ax2.set_xlabel("trainable parameters (10-class head included, log)")
