@@ -16,6 +16,7 @@ Usage:
     python benchmarks/train_cost.py --markdown                    # only re-render results/README_performance.md
     python benchmarks/train_cost.py --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
     python benchmarks/train_cost.py --update-peaks                # re-measure only the peaks of train_cost.json
+    python benchmarks/train_cost.py --combine /tmp/a /tmp/b       # merge per-model runs made in parallel into --out
 """
 
 from __future__ import annotations
@@ -113,6 +114,29 @@ def update_peaks(args: argparse.Namespace) -> dict[str, Any]:
         payload.setdefault("peak_remeasured", {})[family] = C.machine_info(args.device, cfg["dtype"])["date"]
     write_payload(args.out, payload)
     return payload
+
+
+def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Merge the ``train_cost.json`` of runs made separately (e.g. one model per process, in parallel) into ``out``.
+
+    The runs must share batch, image size, device, dtype and methods; each model keeps its own measurement date.
+    """
+    payloads = [json.loads((d / "train_cost.json").read_text()) for d in dirs]
+    keys = ("batch", "image_size", "device", "dtype", "methods")
+    first = payloads[0]
+    for other, d in zip(payloads[1:], dirs[1:]):
+        diff = [k for k in keys if other["config"].get(k) != first["config"].get(k)]
+        if diff:
+            raise SystemExit(f"cannot combine {d}: its {', '.join(diff)} differ from {dirs[0]}'s")
+    merged = {"meta": first["meta"], "config": first["config"], "runs": {}}
+    for payload in payloads:
+        for family, run in payload["runs"].items():
+            run.setdefault("meta", payload["meta"])
+            merged["runs"][family] = run
+    order = [f for f in C.FAMILIES if f in merged["runs"]]
+    merged["runs"] = {f: merged["runs"][f] for f in order}
+    write_payload(out, merged)
+    return merged
 
 
 def write_payload(out: Path, payload: dict[str, Any]) -> None:
@@ -231,9 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2, 1 with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 5, 1 with --quick)")
     parser.add_argument("--op-costs", action="store_true", help="only time the SSF ops per ViT-B site shape")
+    parser.add_argument("--combine", nargs="+", type=Path, default=None,
+                        help="merge the train_cost.json files of these directories into --out (no measuring)")
     parser.add_argument("--update-peaks", action="store_true",
                         help="only re-measure the peak step memory of the families in an existing train_cost.json")
     args = parser.parse_args(argv)
+    if args.combine:
+        payload = combine(args.combine, args.out)
+        print(C.render_readme_section(args.out))
+        return payload
     if args.markdown:
         print(C.render_readme_section(args.out))
         return {}

@@ -98,3 +98,12 @@ def test_readme_block_between_markers_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "plain.md").write_text("no markers\n")
     assert not common.update_readme(["| a |"], tmp_path / "plain.md")
     assert (tmp_path / "plain.md").read_text() == "no markers\n"
+
+
+def test_runs_made_in_parallel_can_be_combined(results: Path, tmp_path: Path) -> None:
+    out = tmp_path / "combined"
+    train_cost.main(["--combine", str(results), "--out", str(out)])
+    combined = _load(out, "train_cost")
+    assert list(combined["runs"]) == ["vit"]
+    assert combined["runs"]["vit"]["methods"] == _load(results, "train_cost")["runs"]["vit"]["methods"]
+    assert "SSF fused + residual pairing (default)" in (out / "README_performance.md").read_text()
