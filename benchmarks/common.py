@@ -48,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import peft_ssf  # noqa: E402
+from peft_ssf import residual  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
@@ -395,7 +396,7 @@ def saved_activations(model: nn.Module, forward: Callable[[], torch.Tensor]) -> 
         if isinstance(module, peft_ssf.SSFLayer):
             handles.append(module.register_forward_hook(ssf_post))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), residual.hooks_only_observe():
             out = forward()
         for t, node in held_outside_hooks(out):
             key = _storage_key(t)

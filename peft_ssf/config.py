@@ -49,8 +49,9 @@ class SSFConfig(PeftConfig):
         fused: use the memory-saving training ops (same gradients as the naive formulation, see ``ops.py``).
         pair_residuals: with ``fused``, let sites whose output feeds a residual add rebuild it from the add's
             operands in backward instead of keeping it (see ``residual.py``): on ViT-B this removes most of SSF's
-            remaining activation memory. Turn off for models that modify their residual stream in place, or to make
-            ``saved_tensors_hooks`` (e.g. ``save_on_cpu``) see every saved tensor.
+            remaining activation memory. It switches itself off under activation checkpointing and other
+            ``saved_tensors_hooks`` (e.g. ``save_on_cpu``). Turn it off for models that modify their residual
+            stream in place.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(

@@ -17,7 +17,8 @@ layer-scale multiply, a bf16 residual stream, an in-place add) leaves the site a
 Precision: ``z - r`` equals ``y`` up to float32 rounding of the residual stream, i.e. a relative error of about
 ``1e-7 * |r| / |y|`` per element; the parameter gradients are sums over all tokens and agree with the unpaired op
 to about 1e-6 relative (tested). Tensors kept by a paired record bypass ``torch.autograd.graph.saved_tensors_hooks``
-(``save_on_cpu`` would not offload them); ``pair_residuals=False`` restores plain ``save_for_backward``.
+(``save_on_cpu`` would not offload them), so pairing switches itself off while such hooks are active (activation
+checkpointing, offloading); ``pair_residuals=False`` turns it off everywhere.
 """
 
 from __future__ import annotations
@@ -146,15 +147,45 @@ class ResidualPairing(TorchFunctionMode):
 
 
 def active() -> Optional[ResidualPairing]:
-    """The pairing mode of the running training forward in this thread, if any."""
-    return getattr(_LOCAL, "mode", None)
+    """The pairing mode of the running training forward in this thread, if it may be used right now.
+
+    Not while ``saved_tensors_hooks`` are active (activation checkpointing, ``save_on_cpu``): they must see every
+    tensor a site needs, and a checkpoint's recomputation (which runs without the mode) must save the same tensors
+    as the original forward. Hooks declared pure observers with ``hooks_only_observe()`` do not count.
+    """
+    mode = getattr(_LOCAL, "mode", None)
+    if mode is None:
+        return None
+    if not getattr(_LOCAL, "observing", False) and _saved_tensor_hooks_active():
+        return None
+    return mode
+
+
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # unknown torch internals: be safe, never pair
+        return True
+    return top(False) is not None
+
+
+@contextmanager
+def hooks_only_observe() -> Iterator[None]:
+    """Declare the ``saved_tensors_hooks`` active inside as observers (they return what they get, e.g. to count
+    saved bytes), so pairing stays on. Used by the benchmarks; do not use it around checkpointing or offloading."""
+    before = getattr(_LOCAL, "observing", False)
+    _LOCAL.observing = True
+    try:
+        yield
+    finally:
+        _LOCAL.observing = before
 
 
 @contextmanager
 def pairing() -> Iterator[ResidualPairing]:
     """Enable residual pairing for the forward passes run inside (one training forward at a time)."""
-    if active() is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both
-        yield active()
+    outer = getattr(_LOCAL, "mode", None)
+    if outer is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both
+        yield outer
         return
     mode = ResidualPairing()
     _LOCAL.mode = mode

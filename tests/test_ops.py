@@ -159,3 +159,34 @@ def test_cached_reconstruct_check_follows_in_place_scale_updates(pixels):
     assert not layer._reconstructible("default")
     model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
     assert torch.isfinite(layer.ssf_scale["default"].grad).all()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_turns_pairing_off_and_gives_the_same_gradients(reentrant, pixels):
+    """Checkpointing recomputes blocks without the pairing mode; the saved tensors must match, so pairing is off."""
+    grads = {}
+    for checkpointing in (False, True):
+        base = FAMILIES["vit"]()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model = get_peft_model(base, SSFConfig(init_weights=False, modules_to_save=["classifier"]))
+        model.train()
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        if checkpointing:
+            assert model.base_model.residual_pairs == 0
+    assert grads[True].keys() == grads[False].keys()
+    for n, g in grads[False].items():
+        assert (grads[True][n] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-4), n
+
+
+def test_pairing_is_off_under_save_on_cpu_unless_hooks_only_observe():
+    h = torch.randn(3, 4, requires_grad=True)
+    s, t = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    with residual.pairing() as mode:
+        with torch.autograd.graph.save_on_cpu():
+            _ = torch.randn(3, 4) + scale_shift_fused(h, s, t, mode=residual.active())
+        assert mode.paired == 0
+        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x), residual.hooks_only_observe():
+            _ = torch.randn(3, 4) + scale_shift_fused(h, s, t, mode=residual.active())
+        assert mode.paired == 1
