@@ -365,9 +365,7 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         if run is None or not self._fold_is_cheaper(base, x):
             return super()._fused_forward(x, adapter, *args, **kwargs)
         # inference: scale the (smaller) weight instead of the output; same result up to rounding
-        scale, shift = self._adapter_tensors(adapter, self._compute_dtype())
-        params = self._merged_params(scale.to(base.weight.device), shift.to(base.weight.device) if shift is not None
-                                     else None)
+        params = self._merged_params(*self._adapter_tensors(adapter, self._compute_dtype()))
         weight = params["weight"].to(base.weight.dtype)
         bias = params["bias"].to(base.bias.dtype) if "bias" in params else None
         return run(base, x, weight, bias)

@@ -4,10 +4,12 @@ Two formulations with identical gradients:
 
 * ``scale_shift_naive``: plain tensor ops. Autograd saves ``h`` (the op's output before SSF) to compute the gradient
   of ``scale``. Kept as the reference implementation.
-* ``scale_shift_fused``: a custom autograd function that saves its *output* ``y`` instead and rebuilds
-  ``h = (y - shift) / scale`` in backward. The next op (GELU, attention, a norm, ...) usually saves ``y`` anyway, so
-  the two saved tensors share one storage and SSF adds no activation memory. When some ``|scale|`` is below
-  ``RECONSTRUCT_MIN_SCALE`` the rebuild would lose precision, so the function falls back to saving ``h``.
+* ``scale_shift_fused``: a custom autograd function that saves its *output* ``y`` instead; backward gets the scale
+  gradient from ``y`` (see ``_ScaleShiftSaveOutput``). The next op (GELU, attention, a norm, ...) usually saves ``y``
+  anyway, so the two saved tensors share one storage and SSF adds no activation memory. Inside a training forward
+  with residual pairing (``residual.py``) a site feeding a residual add keeps the add's operands instead of ``y``.
+  When some ``|scale|`` is below ``RECONSTRUCT_MIN_SCALE`` dividing by it would lose precision, so the function falls
+  back to saving ``h``.
 
 ``scale`` and ``shift`` arrive already shaped for broadcasting (e.g. ``[C]`` for channels-last outputs or
 ``[C, 1, 1]`` for ``[N, C, H, W]`` outputs) and already cast to the activation dtype; ``shift`` may be ``None``.
@@ -21,7 +23,7 @@ import torch
 
 from .residual import KeptOutput, ResidualPairing
 
-# Below this magnitude the reconstruction (y - shift) / scale amplifies rounding noise too much.
+# Below this magnitude dividing by the scale (to get the scale gradient from y) amplifies rounding noise.
 RECONSTRUCT_MIN_SCALE = 1e-3
 
 
@@ -81,7 +83,7 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
             g = grad_y.to(wide)
             gy = _reduce_to(g * y, scale.shape)
             if shift is not None:
-                gsum = grad_t.to(wide) if grad_t is not None and grad_t.dtype == wide else _reduce_to(g, shift.shape)
+                gsum = grad_t if grad_t is not None and grad_t.dtype == wide else _reduce_to(g, shift.shape)
                 gy = gy - shift.to(wide) * gsum
             grad_s = (gy / scale.to(wide)).to(scale.dtype)
         return grad_h, grad_s, grad_t, None, None

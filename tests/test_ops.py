@@ -190,3 +190,24 @@ def test_pairing_is_off_under_save_on_cpu_unless_hooks_only_observe():
         with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x), residual.hooks_only_observe():
             _ = torch.randn(3, 4) + scale_shift_fused(h, s, t, mode=residual.active())
         assert mode.paired == 1
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: torch.nn.Linear(8, 6), (4, 5, 8)),  # 20 rows > 8 input features: folds
+    (lambda: torch.nn.Conv2d(3, 3, 3, padding=1, groups=3), (2, 3, 6, 6)),  # depthwise: weight < input, folds
+])
+def test_inference_fold_matches_scaling_the_output(make, shape):
+    """Without grad, a site that folds scale / shift into its weight gives the grad-mode result (output scaling)."""
+    from peft_ssf.layer import wrapper_for
+
+    torch.manual_seed(0)
+    base = make().requires_grad_(False)
+    layer = wrapper_for(base)(base, "default", init_weights=False)
+    x = torch.randn(shape)
+    assert layer._fold_is_cheaper(base, x)
+    with torch.no_grad():
+        folded = layer(x)
+    reference = layer(x)  # grad enabled: base op, then the fused SSF op on its output
+    assert reference.requires_grad
+    torch.testing.assert_close(folded, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(folded, base(x), atol=1e-3)  # the adapter is visibly applied
