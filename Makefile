@@ -1,25 +1,38 @@
-# One venv for everything: `make install` once, then `make test` / `make demo`.
+# Every target works on a fresh clone: the venv is created (or refreshed when pyproject.toml changes) on demand.
+#   make test                      the test suite CI runs (our tests + PEFT's generic tuner suite against SSF)
+#   make demo                      the end-to-end SSF story, offline on CPU
+#   make test VENV=.venv-min CONSTRAINTS=.ci/constraints-min.txt   the same tests at the lowest supported versions
 PY ?= python3
 VENV ?= .venv
+CONSTRAINTS ?=
+EXTRAS ?= dev
 BIN = $(VENV)/bin
+STAMP = $(VENV)/.installed
+PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-own test-peft lint demo clean
 
-$(BIN)/python:
-	$(PY) -m venv $(VENV)
-
-install: $(BIN)/python
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]" $(PIP_CONSTRAINTS)
+	@touch $@
 
-test:
+install: $(STAMP)
+
+test: test-own test-peft
+
+test-own: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-lint:
+test-peft: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python tests/peft_suite/run.py -q
+
+lint: $(STAMP)
 	$(BIN)/ruff check .
 
-demo: install
+demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/peft-ssf demo --overwrite
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache ssf-demo-output
+	rm -rf $(VENV) .venv-min build *.egg-info .pytest_cache ssf-demo-output .peft-suite
