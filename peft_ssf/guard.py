@@ -29,18 +29,25 @@ RECONSTRUCT_MIN_SCALE = 1e-3
 _LOCAL = threading.local()
 
 
-def _local_min_abs(param: torch.Tensor) -> torch.Tensor:
-    """``min |param|`` of this rank's values (``+inf`` for an empty shard), as a 0-dim float32 tensor."""
-    data = param.detach()
-    if _is_dtensor(data):
-        data = data.to_local()
-    if data.numel() == 0:
-        return torch.full((), float("inf"), device=data.device)
-    return data.abs().amin().float()
-
-
 def _is_dtensor(t: torch.Tensor) -> bool:
     return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    data = param.detach()
+    return data.to_local() if _is_dtensor(data) else data
+
+
+def _min_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``min |t|`` over all ``tensors`` (their local shards), as a 1-element float32 tensor (``+inf`` if empty)."""
+    local = [_local(t).reshape(-1) for t in tensors]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in local:
+        by_device.setdefault(t.device, []).append(t.float() if t.dtype != torch.float32 else t)
+    mins = [torch.cat(ts).abs().amin() if sum(t.numel() for t in ts) else torch.tensor(float("inf"), device=dev)
+            for dev, ts in by_device.items()]
+    first = local[0].device
+    return torch.stack([m.to(first) for m in mins]).amin().reshape(1)
 
 
 def _all_reduce_min(mins: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -57,14 +64,24 @@ def _all_reduce_min(mins: torch.Tensor, params: list[torch.Tensor]) -> torch.Ten
     return mins
 
 
+def _checked_min(tensors: list[torch.Tensor]) -> torch.Tensor:
+    mins = _min_abs(tensors)
+    if any(_is_dtensor(t) for t in tensors):
+        mins = _all_reduce_min(mins, tensors)
+    return mins
+
+
 def scales_reconstructible(params: list[torch.Tensor]) -> list[bool]:
-    """For each scale vector: whether all its entries have ``|scale| >= RECONSTRUCT_MIN_SCALE``, with one sync."""
+    """For each scale vector: whether all its entries have ``|scale| >= RECONSTRUCT_MIN_SCALE``.
+
+    One concatenation, one reduction and one host sync for all of them in the common case (every scale large
+    enough); only when some scale is small is each vector checked on its own.
+    """
     if not params:
         return []
-    mins = torch.stack([_local_min_abs(p).to(params[0].device) for p in params])
-    if any(_is_dtensor(p) for p in params):
-        mins = _all_reduce_min(mins, params)
-    return (mins >= RECONSTRUCT_MIN_SCALE).tolist()
+    if bool(_checked_min(params) >= RECONSTRUCT_MIN_SCALE):
+        return [True] * len(params)
+    return [bool(_checked_min([p]) >= RECONSTRUCT_MIN_SCALE) for p in params]
 
 
 class _Flags:

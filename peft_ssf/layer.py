@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
 from .guard import site_may_keep_output
-from .ops import scale_shift_fused, scale_shift_naive
+from .ops import FoldSite, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
 MIN_UNMERGE_SCALE = 1e-4
@@ -87,7 +87,12 @@ class SSFLayer(BaseTunerLayer):
             # picks what to keep for backward
             return scale_shift_naive(out, scale, shift)
         keep_output = site_may_keep_output(self, adapter, self.ssf_scale[adapter])
-        return scale_shift_fused(out, scale, shift, from_output=keep_output, mode=residual.active())
+        return scale_shift_fused(out, scale, shift, from_output=keep_output, mode=self._pairing_mode(), owner=self)
+
+    def _pairing_mode(self) -> Optional[residual.ResidualPairing]:
+        """The residual-pairing mode of this training forward, if it tracks this site."""
+        mode = residual.active()
+        return mode if mode is not None and mode.wants(self) else None
 
     # ----- adapter management ---------------------------------------------------------------------------------
     def update_layer(
@@ -158,15 +163,19 @@ class SSFLayer(BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
+        mode = residual.active()
+        if mode is not None:
+            mode.site_starts()
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.ssf_scale]
+        names = self._active_adapter  # PEFT's active_adapters property, without its per-call overhead
+        active = [name for name in ((names,) if isinstance(names, str) else names) if name in self.ssf_scale]
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if len(active) == 1 and self.ssf_fused.get(active[0], True):
@@ -356,9 +365,21 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         super().__init__(base_layer, adapter_name, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if torch.is_grad_enabled() or args or kwargs:
+        base = self.base_layer
+        if args or kwargs:
             return super()._fused_forward(x, adapter, *args, **kwargs)
-        base = self.get_base_layer()
+        if torch.is_grad_enabled():
+            site = self._foldable_site(base)
+            scale = self.ssf_scale[adapter]
+            if site is None or torch.compiler.is_compiling() or not site_may_keep_output(self, adapter, scale):
+                return super()._fused_forward(x, adapter, *args, **kwargs)
+            if not (site.out_channels == scale.shape[0] == self.num_channels):
+                raise RuntimeError(
+                    f"SSF on {type(base).__name__} expects {self.num_channels} channels, but the op has "
+                    f"{site.out_channels} output channels and the adapter {scale.shape[0]}."
+                )
+            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
+            return folded_scale_shift(x, site, scale, shift, mode=self._pairing_mode(), owner=self)
         run = _DIRECT_OPS.get(type(base))
         if run is None or not self._fold_is_cheaper(base, x):
             return super()._fused_forward(x, adapter, *args, **kwargs)
@@ -367,6 +388,16 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         weight = params["weight"].to(base.weight.dtype)
         bias = params["bias"].to(base.bias.dtype) if "bias" in params else None
         return run(base, x, weight, bias)
+
+    def _foldable_site(self, base: nn.Module) -> Optional[FoldSite]:
+        """The ``FoldSite`` of the base op when training may fold SSF into it (frozen plain Linear / ConvNd)."""
+        cached = self.__dict__.get("_fold_site")
+        if cached is None or cached[0] is not base:
+            cached = self.__dict__["_fold_site"] = (base, FoldSite(base) if FoldSite.supports(base) else None)
+        site = cached[1]
+        if site is None or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        return site
 
     @staticmethod
     def _fold_is_cheaper(base: nn.Module, x: torch.Tensor) -> bool:

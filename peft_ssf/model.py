@@ -115,6 +115,7 @@ class SSFModel(BaseTuner):
         }
         if isinstance(target, SSFLayer):
             target.update_layer(adapter_name, **kwargs)
+            self._register(target)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
@@ -125,6 +126,13 @@ class SSFModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        self._register(new_module)
+
+    def _register(self, layer: SSFLayer) -> None:
+        """Remember every SSF layer this tuner created, so a training forward finds them without a module walk."""
+        registry = self.__dict__.setdefault("_ssf_registry", [])
+        if not any(known is layer for known in registry):
+            registry.append(layer)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
@@ -230,12 +238,17 @@ class SSFModel(BaseTuner):
 
     def _fused_sites(self) -> list[tuple[SSFLayer, str, torch.Tensor]]:
         """``(layer, adapter, scale)`` of every site that runs the fused op in a forward with grad enabled."""
+        layers = self.__dict__.get("_ssf_registry")
+        if layers is None:  # e.g. a tuner restored by pickling from an older version
+            layers = [m for m in self.model.modules() if isinstance(m, SSFLayer)]
         sites = []
-        for module in self.model.modules():
-            if isinstance(module, SSFLayer) and not module.merged and not module.disable_adapters:
-                active = [a for a in module.active_adapters if a in module.ssf_scale]
-                if len(active) == 1 and module.ssf_fused.get(active[0], True):
-                    sites.append((module, active[0], module.ssf_scale[active[0]]))
+        for layer in layers:
+            if layer.merged_adapters or layer._disable_adapters:
+                continue
+            names = layer._active_adapter
+            active = [a for a in ((names,) if isinstance(names, str) else names) if a in layer.ssf_scale]
+            if len(active) == 1 and layer.ssf_fused.get(active[0], True):
+                sites.append((layer, active[0], layer.ssf_scale[active[0]]))
         return sites
 
     @contextmanager
@@ -244,13 +257,19 @@ class SSFModel(BaseTuner):
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             yield
             return
-        with guard.scale_guard(self._fused_sites()):
-            if self._pairs_residuals():
-                with residual.pairing() as mode:
-                    yield
-                self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
-            else:
+        sites = self._fused_sites()
+        with guard.scale_guard(sites):
+            if not self._pairs_residuals():
                 yield
+                return
+            # which sites feed a residual add is found once (a forward watched whole), then only they are watched
+            key = tuple(id(layer) for layer, _, _ in sites)
+            known = self._residual_sites[1] if getattr(self, "_residual_sites", (None,))[0] == key else None
+            with residual.pairing(known) as mode:
+                yield
+            if known is None:
+                self._residual_sites = (key, frozenset(mode.paired_sites))
+            self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
 
     # ----- mixed-batch inference --------------------------------------------------------------------------------
     @contextmanager
