@@ -32,7 +32,15 @@ test-peft: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-demo: $(STAMP)
+# `make demo` as a first command installs only what the demo needs (peft-ssf[demo]), with its own stamp
+DEMO_STAMP = $(VENV)/.installed-demo
+$(DEMO_STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[demo]"
+	@touch $@
+
+demo: $(DEMO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/peft-ssf demo --overwrite
 
 # the only command that rewrites README.md's generated blocks (from benchmarks/results/ and the last full demo run)
