@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import peft_ssf  # noqa: E402
 from peft_ssf import residual  # noqa: E402
+from peft_ssf.engine.methods import METHODS as ENGINE_METHODS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
@@ -108,20 +109,6 @@ FLOOR_BIAS = {
     "convnext": r"convnext\.encoder\.stages\.0\.layers\.0\.dwconv\.bias",
 }
 
-#: comparison methods' targets per family (PEFT name-suffix matching)
-LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"], "convnext": ["pwconv1", "pwconv2"]}
-IA3_TARGETS = {
-    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "swin": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "convnext": (["dwconv", "pwconv2"], ["pwconv2"]),
-}
-LN_TARGETS = {
-    "vit": ["layernorm_before", "layernorm_after", "layernorm"],
-    "swin": ["layernorm_before", "layernorm_after", "norm", "layernorm"],
-    "convnext": ["layernorm"],
-}
-
-
 def model_spec(family: str, quick: bool = False) -> ModelSpec:
     """The B-size spec of ``family`` (or the tiny test-size one with ``quick``)."""
     return _SPECS[(family, "tiny" if quick else "base")]
@@ -167,7 +154,9 @@ def _quiet_peft(fn: Callable[[], nn.Module]) -> nn.Module:
 
 def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
     """A trainable copy of ``base`` for ``method`` (see ``METHODS``); the base model is left untouched."""
-    from peft import IA3Config, LNTuningConfig, LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from peft_ssf.engine.methods import peft_config
 
     head = ["classifier"]
     if method == "full":
@@ -182,21 +171,14 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
                     setattr(module, pname, nn.Parameter(param.detach().clone(), requires_grad=True))
         if sum(p.requires_grad for p in model.parameters()) != 3:
             raise RuntimeError(f"floor: expected classifier weight/bias + one bias trainable in {family}")
-    else:
+    elif method in METHODS:
+        variant = {"ssf_naive": {"fused": False}, "ssf_unpaired": {"pair_residuals": False}}.get(method, {})
+        engine_method = "ssf" if method in SSF_VARIANTS else method
+        config = peft_config(engine_method, family, head[0], **variant)
         shared = share_weights(base)
-        if method == "lora":
-            config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[family], modules_to_save=head)
-        elif method == "ia3":
-            targets, ff = IA3_TARGETS[family]
-            config = IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
-        elif method == "ln_tuning":
-            config = LNTuningConfig(target_modules=LN_TARGETS[family], modules_to_save=head)
-        elif method in SSF_VARIANTS:
-            config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive",
-                                        pair_residuals=method == "ssf_fused")
-        else:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         model = _quiet_peft(lambda: get_peft_model(shared, config))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return model.train()
 
 
@@ -713,12 +695,10 @@ def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
     return "\n".join(lines)
 
 
+#: the engine's labels for the shared methods, plus the cost variants only this suite measures
 METHOD_LABELS = {
+    **ENGINE_METHODS,
     "floor": "floor (frozen + 1 bias)",
-    "full": "full fine-tuning",
-    "lora": "LoRA r=8",
-    "ia3": "IA3",
-    "ln_tuning": "LN-tuning",
     "ssf_naive": "SSF naive",
     "ssf_unpaired": "SSF fused, pair_residuals=False",
     "ssf_fused": "SSF fused + residual pairing (default)",
@@ -760,34 +740,26 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A caption line and a Markdown table."""
+    lines = [caption + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def inference_summary_markdown(data: dict[str, Any]) -> str:
     """Inference latency ratios to the base model."""
-    lines = [
-        "**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]) + "\n",
-        "| model | batch | base (ms) | SSF unmerged | SSF merged | merged = base graph |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        same = "yes" if r["merged_is_base_graph"] else "NO"
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['base_ms']:.1f} | {fmt_ratio(r['ratio_unmerged'])} | "
-            f"{fmt_ratio(r['ratio_merged'])} | {same} |"
-        )
-    return "\n".join(lines)
+    rows = [[r["model"], r["batch"], f"{r['base_ms']:.1f}", fmt_ratio(r["ratio_unmerged"]),
+             fmt_ratio(r["ratio_merged"]), "yes" if r["merged_is_base_graph"] else "NO"] for r in data["rows"]]
+    return _table("**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]),
+                  ["model", "batch", "base (ms)", "SSF unmerged", "SSF merged", "merged = base graph"], rows)
 
 
 def merge_summary_markdown(data: dict[str, Any]) -> str:
     """merge_and_unload wall time."""
-    lines = [
-        "**merge_and_unload time** (median). " + meta_line(data["meta"]) + "\n",
-        "| model | SSF sites | time (s) | wall clock (s) |",
-        "|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        wall = r.get("median_wall_s")
-        wall_txt = '-' if wall is None else f'{wall:.3f}'
-        lines.append(f"| {r['model']} | {r['sites']} | {r['median_s']:.3f} | {wall_txt} |")
-    return "\n".join(lines)
+    rows = [[r["model"], r["sites"], f"{r['median_s']:.3f}",
+             "-" if r.get("median_wall_s") is None else f"{r['median_wall_s']:.3f}"] for r in data["rows"]]
+    return _table("**merge_and_unload time** (median). " + meta_line(data["meta"]),
+                  ["model", "SSF sites", "time (s)", "wall clock (s)"], rows)
 
 
 def scaling_summary_markdown(data: dict[str, Any]) -> str:

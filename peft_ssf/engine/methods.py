@@ -28,8 +28,8 @@ from torch import nn
 METHODS: dict[str, str] = {
     "ssf": "SSF (identity init)",
     "ssf_paper_init": "SSF (paper init)",
-    "lora": "LoRA r=8 (q, v)",
-    "ia3": "IA3 (k, v, fc2)",
+    "lora": "LoRA r=8",
+    "ia3": "IA3",
     "ln_tuning": "LN-tuning",
     "bitfit": "BitFit (biases)",
     "head": "head only",
