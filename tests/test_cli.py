@@ -19,7 +19,8 @@ import peft_ssf_cli
 from peft_ssf import SSFConfig
 
 REPO = Path(__file__).resolve().parents[1]
-APP_MODULES = ("peft_ssf.train", "peft_ssf.cli", "peft_ssf.demo", "peft_ssf.analysis", "peft_ssf.engine", "peft_ssf_cli")
+APP_MODULES = ("peft_ssf.train", "peft_ssf.cli", "peft_ssf.demo", "peft_ssf.analysis", "peft_ssf.engine",
+               "peft_ssf_cli")
 HEAVY_EXTRAS = ("datasets", "evaluate", "matplotlib")
 
 
