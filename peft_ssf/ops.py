@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
+from .guard import RECONSTRUCT_MIN_SCALE, scales_reconstructible
 from .residual import KeptOutput, ResidualPairing
 
-# Below this magnitude dividing by the scale (to get the scale gradient from y) amplifies rounding noise.
-RECONSTRUCT_MIN_SCALE = 1e-3
+__all__ = ["RECONSTRUCT_MIN_SCALE", "scale_shift_fused", "scale_shift_naive"]
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -65,6 +65,12 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "SSF's fused training op does not support higher-order gradients (backward with create_graph=True, "
+                "torch.autograd.grad(..., create_graph=True), double backward): its backward rebuilds values "
+                "instead of keeping the graph. Use SSFConfig(fused=False) for this model."
+            )
         if ctx.kept is not None:
             (scale, shift), act = ctx.saved_tensors, None
         else:
@@ -101,12 +107,12 @@ def scale_shift_fused(
 
     Args:
         from_output: whether every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (so the output can stand in for ``h``);
-            computed here when None. Layers pass a cached value to avoid a device sync per forward.
+            checked here when None (one host-device sync). Layers pass the answer of ``guard.scale_guard``.
         mode: the active ``residual.ResidualPairing`` (float32 / float64 outputs only); the output is tracked so
             that, if it meets a residual add, the op keeps the add's operands instead of its own output.
     """
     if from_output is None:
-        from_output = bool((scale.detach().abs() >= RECONSTRUCT_MIN_SCALE).all())
+        from_output = scales_reconstructible([scale])[0]
     if mode is not None and (not from_output or h.dtype not in (torch.float32, torch.float64)):
         mode = None
     y = _ScaleShiftSaveOutput.apply(h, scale, shift, from_output, mode)
