@@ -28,7 +28,8 @@ def points(args: argparse.Namespace) -> list[tuple[int, int]]:
     return grid
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the defaults of a full or a ``--quick`` run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
     parser.add_argument("--family", default="vit", choices=C.FAMILIES)
@@ -50,6 +51,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (1 if args.quick else 3)
     if "floor" not in args.methods:
         args.methods = ["floor", *args.methods]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     spec = C.model_spec(args.family, args.quick)
     cfg = {k: getattr(args, k) for k in ("family", "methods", "batches", "image_sizes", "size_batch", "warmup",
                                          "steps", "device", "dtype", "quick")}
