@@ -633,18 +633,12 @@ def iter_sections(out_dir: Path) -> Iterator[str]:
     targets = targets_markdown(out_dir)
     if targets:
         yield targets
-    train = _load(out_dir, "train_cost")
-    if train:
-        yield train_summary_markdown(train)
-    infer = _load(out_dir, "inference_latency")
-    if infer:
-        yield inference_summary_markdown(infer)
-    merge = _load(out_dir, "merge_time")
-    if merge:
-        yield merge_summary_markdown(merge)
-    scaling = _load(out_dir, "scaling")
-    if scaling:
-        yield scaling_summary_markdown(scaling)
+    renderers = {"train_cost": train_summary_markdown, "inference_latency": inference_summary_markdown,
+                 "merge_time": merge_summary_markdown, "scaling": scaling_summary_markdown}
+    for name, render in renderers.items():
+        data = _load(out_dir, name)
+        if data:
+            yield render(data)
 
 
 def performance_section(out_dir: Path = RESULTS_DIR) -> str:
