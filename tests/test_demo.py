@@ -34,4 +34,5 @@ def test_quick_demo_end_to_end(tmp_path, capfd):
     assert (out / "ssf" / "merged" / "model.safetensors").exists()
     assert (out / "ssf" / "merged" / "preprocessor_config.json").exists()
     assert (out / "ssf" / "adapter" / "adapter_model.safetensors").exists()
-    assert (out / "ssf" / "adapter" / "README.md").read_text().startswith("---\nlibrary_name: peft")
+    card = (out / "ssf" / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: peft") and str(BACKBONE_DIR) not in card and str(tmp_path) not in card

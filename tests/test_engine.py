@@ -65,6 +65,16 @@ def test_weight_decay_only_on_the_head_weight_matrix(base_dir, method):
     assert len(decay["params"]) + len(no_decay["params"]) == n_trainable
 
 
+def test_a_separate_head_learning_rate_keeps_the_decay_rule(base_dir):
+    model = engine.build_model("full", base_dir, LABELS)
+    groups = engine.param_groups(model, 0.05, head_lr=1e-2)
+    by = {(g["weight_decay"], g.get("lr")): [tuple(p.shape) for p in g["params"]] for g in groups}
+    assert by[(0.05, 1e-2)] == [(3, 32)] and by[(0.0, 1e-2)] == [(3,)] and by[(0.05, None)] == []
+    assert len(by[(0.0, None)]) == sum(p.requires_grad for p in model.parameters()) - 2
+    opt = engine.make_optimizer(model, lr=1e-4, weight_decay=0.05, head_lr=1e-2)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [1e-4, 1e-2]
+
+
 def test_warmup_cosine_schedule():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = engine.warmup_cosine(opt, total_steps=20, warmup=0.1)

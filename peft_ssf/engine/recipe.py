@@ -27,11 +27,13 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Recipe:
-    """Everything ``fit`` needs besides the model and data. ``warmup``: a fraction of the steps if < 1, else steps."""
+    """Everything ``fit`` needs besides the model and data. ``warmup``: a fraction of the steps if < 1, else steps;
+    ``head_lr``: a separate learning rate for the classifier head (e.g. a new head on a fully fine-tuned body)."""
 
     epochs: int = 5
     batch_size: int = 32
     lr: float = 1e-2
+    head_lr: Optional[float] = None
     weight_decay: float = 0.05
     warmup: float = 0.1
     clip_norm: Optional[float] = 1.0
@@ -41,23 +43,33 @@ class Recipe:
     seed: int = 0
 
 
-def _is_head_matrix(name: str, param: torch.Tensor) -> bool:
-    return param.ndim >= 2 and any(f".{h}." in f".{name}" for h in HEAD_NAMES)
+def _in_head(name: str) -> bool:
+    return any(f".{h}." in f".{name}" for h in HEAD_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: the head's weight matrix with ``weight_decay``, the rest with 0."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, head_lr: Optional[float] = None) -> list[dict[str, Any]]:
+    """Trainable parameters as AdamW groups: the head's weight matrix with ``weight_decay``, the rest with 0.
+
+    With ``head_lr`` the head's parameters form their own groups with that learning rate (the others keep the
+    optimiser's). Without it there are exactly two groups: ``[decayed, not decayed]``.
+    """
+    groups: dict[tuple[bool, bool], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if _is_head_matrix(name, p) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            head = _in_head(name)
+            groups.setdefault((head and p.ndim >= 2, head and head_lr is not None), []).append(p)
+    out = []
+    for decay, own_lr in ((True, False), (False, False), (True, True), (False, True)):
+        if (decay, own_lr) in groups or not own_lr:
+            group = {"params": groups.get((decay, own_lr), []), "weight_decay": weight_decay if decay else 0.0}
+            out.append({**group, "lr": head_lr} if own_lr else group)
+    return out
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                   betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999),
+                   head_lr: Optional[float] = None) -> torch.optim.AdamW:
     """AdamW over ``param_groups``."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    return torch.optim.AdamW(param_groups(model, weight_decay, head_lr), lr=lr, betas=betas)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup: float = 0.1
@@ -88,7 +100,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
     ``on_epoch(epoch, mean_loss)`` runs after every epoch; ``max_steps`` stops early. Leaves the model in eval mode.
     """
     forward = forward or _logits_of(model)
-    optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay, recipe.betas)
+    optimizer = make_optimizer(model, recipe.lr, recipe.weight_decay, recipe.betas, recipe.head_lr)
     per_epoch = len(x) // recipe.batch_size if recipe.drop_last else math.ceil(len(x) / recipe.batch_size)
     total = recipe.epochs * per_epoch if max_steps is None else min(max_steps, recipe.epochs * per_epoch)
     scheduler = warmup_cosine(optimizer, total, recipe.warmup)
