@@ -298,6 +298,9 @@ def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> di
     from transformers import AutoConfig, set_seed
 
     out = Path(args.output_dir)
+    if args.method != "ssf" and (args.save_merged or args.push_to_hub):
+        raise UserError(f"--save_merged and --push_to_hub apply to SSF adapters; with --method {args.method} the "
+                        f"trained model is saved to {out / 'model'}")
     if not args.resume_from_checkpoint:
         check_output_dir(out, args.overwrite_output_dir)
     set_seed(args.seed)

@@ -138,6 +138,7 @@ def _bad_invocations(root: Path) -> list[tuple[list[str], str]]:
         (["train"], "the following arguments are required: --model, --dataset, --output_dir"),
         ([*train, out, "--epochs", "many"], "argument --epochs: invalid float value: 'many'"),
         ([*train, occupied], "already exists and is not empty"),
+        ([*train, out, "--method", "full", "--save_merged"], "--save_merged and --push_to_hub apply to SSF"),
         (["train", "--model", base, "--dataset", missing, "--output_dir", out], "cannot load dataset"),
         (["train", "--model", missing, "--dataset", data, "--output_dir", out], "cannot load"),
         (["merge", "--adapter", missing, "--out", out], "has no adapter_config.json"),
