@@ -192,10 +192,15 @@ def trainable_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: training precisions: float32; bf16 / fp16 autocast over float32 weights; a model cast to bfloat16
+DTYPES = ("fp32", "bf16", "fp16", "bf16-model")
+
+
 def autocast_ctx(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype="bf16"``, a no-op for fp32."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    """``torch.autocast`` for ``dtype="bf16"`` / ``"fp16"``, a no-op otherwise."""
+    if dtype in ("bf16", "fp16"):
+        low = torch.bfloat16 if dtype == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(device).type, dtype=low)
     return contextlib.nullcontext()
 
 
@@ -207,20 +212,41 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One model + AdamW over its trainable parameters; ``step`` runs forward, backward and the update."""
 
-    def __init__(self, model: nn.Module, device: str, dtype: str) -> None:
+    def __init__(self, model: nn.Module, device: str, dtype: str, compile: bool = False) -> None:
         self.model = model.to(device)
+        if dtype == "bf16-model":  # weights in bfloat16; PEFT keeps adapter weights in float32
+            self.model = _bf16_model(self.model)
         self.device, self.dtype = device, dtype
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        self._loss = torch.compile(self._eager_loss) if compile else self._eager_loss
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.dtype == "bf16-model":
+            x = x.to(torch.bfloat16)
         with autocast_ctx(self.device, self.dtype):
             return F.cross_entropy(logits_of(self.model, x).float(), y)
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss(x, y)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.forward_loss(x, y).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _bf16_model(model: nn.Module) -> nn.Module:
+    """Cast the frozen weights to bfloat16 and keep trainable ones (adapters, head) in float32, as PEFT does for
+    adapter weights of half-precision models."""
+    for module in model.modules():
+        for param in list(module.parameters(recurse=False)):
+            if not param.requires_grad and param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_floating_point():
+                module._buffers[name] = buf.to(torch.bfloat16)
+    return model
 
 
 def sync(device: str) -> None:
@@ -561,7 +587,11 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every script shares."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = torch.autocast bfloat16")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=DTYPES,
+        help="fp32; bf16 / fp16 = torch.autocast over float32 weights; bf16-model = frozen weights cast to bfloat16",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile each method's forward + loss")
     parser.add_argument("--quick", action="store_true", help="tiny configs, one measured round (smoke test)")
     parser.add_argument(
         "--clock", default="auto", choices=["auto", "cpu", "wall"],
@@ -700,15 +730,23 @@ METHOD_LABELS = {
 }
 
 
+def mode_label(cfg: dict[str, Any]) -> str:
+    """``cpu fp32``, ``cpu bf16 autocast, compiled``, ``cuda bf16 model`` ..."""
+    dtype = cfg.get("dtype", "fp32")
+    text = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "bf16-model": "bf16 model"}.get(dtype, dtype)
+    return f"{cfg.get('device', 'cpu')} {text}" + (", compiled" if cfg.get("compile") else ", eager")
+
+
 def train_summary_markdown(data: dict[str, Any]) -> str:
-    """Compact training-cost table: time / saved activations / peak ratio to the floor per model and method."""
+    """Compact training-cost table: time / forward-live memory / saved activations ratio to the floor."""
     runs = data["runs"]
     families = list(runs)
     cfg = data["config"]
     head = "| method | " + " | ".join(runs[f]["model"] for f in families) + " |"
     lines = [
-        f"**Training cost** (batch {cfg['batch']} @ {cfg['image_size']}px; step time / saved activations / peak "
-        "step memory, ratio to the floor; head trainable for every method). " + meta_line(data["meta"]) + "\n",
+        f"**Training cost, {mode_label(cfg)}** (batch {cfg['batch']} @ {cfg['image_size']}px; step time / "
+        "forward-live memory (RSS growth over one training forward, fresh process) / saved activations, ratio to "
+        "the floor; head trainable for every method). " + meta_line(data["meta"]) + "\n",
         head,
         "|---|" + "---|" * len(families),
     ]
@@ -719,7 +757,7 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
             r = runs[f]["methods"].get(m)
             cells.append(
                 "-" if r is None else
-                f"{fmt_ratio(r['ratio_time'])} / {fmt_ratio(r['ratio_saved'])} / {fmt_ratio(r['ratio_peak'])}"
+                f"{fmt_ratio(r['ratio_time'])} / {fmt_ratio(r.get('ratio_live'))} / {fmt_ratio(r['ratio_saved'])}"
             )
         lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
     floors = []
@@ -728,7 +766,7 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
         if r:
             floors.append(
                 f"{runs[f]['model']} {r['time_s']:.2f} s/step ({r['images_per_s']:.1f} img/s), "
-                f"{fmt_mib(r['saved_bytes'])} MiB saved"
+                f"{fmt_mib(r.get('live_bytes'))} MiB forward-live, {fmt_mib(r['saved_bytes'])} MiB saved"
             )
     if floors:
         lines.append("\nFloor: " + "; ".join(floors) + ".")

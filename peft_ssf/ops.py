@@ -35,6 +35,46 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.reshape(shape)
 
 
+def _channel_sums(
+    g: torch.Tensor, out: Optional[torch.Tensor], dims: list[int]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(sum(g), sum(g * out))`` over ``dims``, as float32 (or wider) per-channel vectors.
+
+    On CUDA the reductions read half-precision inputs and accumulate in float32 directly. On the CPU a reduction with
+    a wider ``dtype`` first copies its whole input to that dtype (several times slower), so half-precision inputs are
+    summed in their own dtype, with a float32 accumulator inside and the result rounded once, as autograd's own
+    reductions of the naive op under autocast are.
+    """
+    low = g.dtype in (torch.bfloat16, torch.float16)
+    if low and g.device.type == "cpu":
+        gsum = g.sum(dims).float()
+        gy = (g * out).sum(dims).float() if out is not None else None
+        return gsum, gy
+    wide = torch.promote_types(g.dtype, torch.float32)
+    gsum = g.sum(dims, dtype=wide)
+    gy = (g * out).sum(dims, dtype=torch.promote_types(wide, out.dtype)) if out is not None else None
+    return gsum, gy
+
+
+def _scale_shift_grads(
+    g: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    dims: list[int],
+    need_scale: bool,
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of ``scale`` and ``shift`` from the kept output: ``shift' = sum(g)``,
+    ``scale' = (sum(g * y) - shift * sum(g)) / scale`` (``h`` is never rebuilt). Shaped like ``scale``."""
+    gsum, gy = _channel_sums(g, out if need_scale else None, dims)
+    grad_scale = None
+    if need_scale:
+        if shift is not None:
+            gy = gy - shift.reshape(-1).to(gy.dtype) * gsum
+        grad_scale = (gy / scale.reshape(-1).to(gy.dtype)).to(scale.dtype).reshape(scale.shape)
+    return grad_scale, gsum
+
+
 def scale_shift_naive(h: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
     """Reference SSF op: ``h * scale + shift`` with autograd saving ``h``."""
     return h * scale if shift is None else torch.addcmul(shift, h, scale)
@@ -79,19 +119,18 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_h = grad_y * scale
         need_s, need_t = ctx.needs_input_grad[1], ctx.has_shift and ctx.needs_input_grad[2]
-        if need_t:
-            grad_t = _reduce_to(grad_y, shift.shape)
-        if need_s and not ctx.from_output:
-            grad_s = _reduce_to(grad_y * act, scale.shape)
-        elif need_s:
-            wide = torch.promote_types(grad_y.dtype, torch.float32)
-            y = ctx.kept.output(wide) if ctx.kept is not None else act.to(wide)
-            g = grad_y.to(wide)
-            gy = _reduce_to(g * y, scale.shape)
-            if shift is not None:
-                gsum = grad_t if grad_t is not None and grad_t.dtype == wide else _reduce_to(g, shift.shape)
-                gy = gy - shift.to(wide) * gsum
-            grad_s = (gy / scale.to(wide)).to(scale.dtype)
+        if not ctx.from_output:
+            if need_t:
+                grad_t = _reduce_to(grad_y, shift.shape)
+            if need_s:
+                grad_s = _reduce_to(grad_y * act, scale.shape)
+        elif need_s or need_t:
+            channel = grad_y.dim() - scale.dim()  # scale is [C] or [C, 1, ...]: its first axis is the channel
+            dims = [d for d in range(grad_y.dim()) if d != channel]
+            y = (ctx.kept.output(grad_y.dtype) if ctx.kept is not None else act) if need_s else None
+            grad_s, gsum = _scale_shift_grads(grad_y, y, scale, shift, dims, need_s)
+            if need_t:
+                grad_t = gsum.to(shift.dtype).reshape(shift.shape)
         return grad_h, grad_s, grad_t, None, None
 
 
@@ -151,7 +190,11 @@ class _FoldedScaleShift(torch.autograd.Function):
     def forward(ctx, x, weight, bias, scale, shift, site, mode):  # type: ignore[override]
         dtype = weight.dtype
         scale_w = scale if scale.dtype == dtype else scale.to(dtype)
-        w = weight * scale_w.view(site.weight_shape)
+        low = _low_precision(x.device.type)
+        if low is not None and dtype != low:  # fold and cast in one pass, as autocast would cast the weight
+            w = torch.mul(weight, scale_w.view(site.weight_shape), out=torch.empty_like(weight, dtype=low))
+        else:
+            w = weight * scale_w.view(site.weight_shape)
         b = None
         if bias is not None:
             if shift is None:
@@ -160,10 +203,8 @@ class _FoldedScaleShift(torch.autograd.Function):
                 b = torch.addcmul(shift if shift.dtype == dtype else shift.to(dtype), bias, scale_w)
         elif shift is not None:
             b = shift if shift.dtype == dtype else shift.to(dtype)
-        low = _low_precision(x.device.type)
-        if low is not None and dtype != low:
-            # cast here, as autocast would inside the op, so that the cast folded weight can be kept for backward
-            w, b = w.to(low), (b.to(low) if b is not None else None)
+        if low is not None and dtype != low and b is not None:
+            b = b.to(low)
         y = site.run(x, w, b)  # under autocast the op casts x; w and b are already in its dtype
         ctx.site, ctx.has_shift, ctx.x_shape = site, shift is not None, x.shape
         ctx.kept = KeptOutput(y) if mode is not None else None
@@ -191,17 +232,10 @@ class _FoldedScaleShift(torch.autograd.Function):
         need_scale = ctx.needs_input_grad[3]
         need_shift = ctx.has_shift and ctx.needs_input_grad[4]
         if need_scale or need_shift:
-            dims = site.reduce_dims(g.dim())
-            wide = torch.promote_types(g.dtype, torch.float32)
-            gsum = g.sum(dim=dims, dtype=wide)
+            out = (ctx.kept.output(g.dtype) if ctx.kept is not None else y) if need_scale else None
+            grad_scale, gsum = _scale_shift_grads(g, out, scale, shift, site.reduce_dims(g.dim()), need_scale)
             if need_shift:
                 grad_shift = gsum.to(shift.dtype)
-            if need_scale:
-                out = ctx.kept.output() if ctx.kept is not None else y
-                gy = (g * out).sum(dim=dims, dtype=torch.promote_types(wide, out.dtype))
-                if shift is not None:
-                    gy = gy - shift.to(gy.dtype) * gsum
-                grad_scale = (gy / scale.to(gy.dtype)).to(scale.dtype)
         return grad_x, None, None, grad_scale, grad_shift, None, None
 
 

@@ -75,10 +75,10 @@ class KeptOutput:
         if self.pair is None:
             return self.y if dtype is None else self.y.to(dtype)
         r, z = self.pair
-        d = z - r if dtype is None else z.to(dtype) - r.to(dtype)
+        d = z - r  # in the residual stream's own (float32 / float64) precision, then cast
         for inverse in reversed(self.inverses):
             d = inverse(d)
-        return d
+        return d if dtype is None else d.to(dtype)
 
 
 def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Optional[Callable]:
