@@ -321,8 +321,6 @@ def test_normalization_is_applied_exactly_once_and_resolved_in_order(tmp_path):
     loaded = ViTForImageClassification.from_pretrained(tmp_path)
     norm = resolve_normalization(loaded)
     assert norm.mean == (0.3, 0.3, 0.3) and norm.std == (0.7, 0.7, 0.7)
-    with pytest.warns(UserWarning, match="no input normalisation"):
-        assert resolve_normalization(tiny_vit()).source == "none"
     with pytest.raises(ValueError):
         resolve_normalization(vit, mean=0.5)
 
@@ -634,3 +632,153 @@ def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
     x = images(2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, expected(pixel_values=x).logits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 16: faithful protocol, noise floor, eval mode, half precision, Hub normalisation, NaN summary, device Grams,
+# stale inversion cache. New names are imported inside the tests so that each test fails on its own on older code.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_representations_run_in_eval_mode_and_restore_the_callers_mode():
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=3, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5,
+    )  # fmt: skip
+    model = ViTForImageClassification(cfg).train()
+    model.vit.layers[0].eval()  # a mixed state, to be restored exactly
+    before = [m.training for m in model.modules()]
+    x = images(3)
+    a = layer_representations(model, x)
+    b = layer_representations(model, x)
+    reference = layer_representations(copy.deepcopy(model).eval(), x)
+    for name in a:
+        assert torch.equal(a[name], b[name]) and torch.equal(a[name], reference[name]), name
+    with torch.no_grad():
+        assert torch.equal(forward_to_layer(model, x, "block1"), forward_to_layer(model, x, "block1"))
+        assert torch.equal(forward_to_layer(model, x, "block1"), a["block1"])
+    assert [m.training for m in model.modules()] == before
+
+
+def test_half_precision_features_are_promoted_before_the_gram():
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis.cka import center_gram
+
+    model = tiny_vit().to(torch.bfloat16)
+    x = images(5)
+    pixels = ((x - 0.5) / 0.5).to(torch.bfloat16)
+    reps = layer_representations(model, pixels, ["block0", "final"], tokens="mean")
+    assert reps["block0"].dtype == torch.float32 and reps["final"].dtype == torch.float32
+    with torch.no_grad():
+        hidden = model.vit(pixels, output_hidden_states=True).hidden_states[1]
+    assert torch.equal(reps["block0"], hidden.float().mean(dim=1))  # the token mean is not taken in bf16
+    grams = representation_grams(
+        model, x, ["block0"], tokens="mean", normalization=Normalization((0.5,), (0.5,), "test")
+    )
+    feats = hidden.float().mean(dim=1).double()
+    torch.testing.assert_close(grams["block0"], center_gram(feats @ feats.T), rtol=1e-12, atol=1e-12)
+
+
+def _fake_hub_cache(root, repo_id: str, preprocessor: dict) -> None:
+    """A local Hugging Face cache holding one model repo snapshot with a preprocessor_config.json."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_models_resolve_their_processor_offline_or_raise(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hub_cache(tmp_path / "hub", "someone/cached-vit", {"image_mean": [0.1] * 3, "image_std": [0.2] * 3})
+    vit = tiny_vit()
+    vit.config._name_or_path = "someone/cached-vit"
+    norm = resolve_normalization(vit)
+    assert norm.mean == (0.1,) * 3 and norm.std == (0.2,) * 3 and "someone--cached-vit" in norm.source
+    # a Hub id that is not in the cache: a clear error, unless mean / std are given
+    vit.config._name_or_path = "someone/not-cached-vit"
+    with pytest.raises(ValueError, match=r"someone/not-cached-vit.*offline.*mean="):
+        resolve_normalization(vit)
+    with pytest.raises(ValueError, match="mean="):
+        compare(vit, copy.deepcopy(vit), images(4), steps=1, progress=False)
+    assert resolve_normalization(vit, mean=0.5, std=0.5).source == "argument"
+    # a local folder without preprocessor_config.json, and a model built from a config: no silent identity
+    tiny_vit().save_pretrained(tmp_path / "local")
+    with pytest.raises(ValueError, match="no preprocessor_config.json"):
+        resolve_normalization(ViTForImageClassification.from_pretrained(tmp_path / "local"))
+    with pytest.raises(ValueError, match="built from a config"):
+        resolve_normalization(tiny_vit())
+    with pytest.raises(ValueError, match="no Hugging Face config"):
+        resolve_normalization(_Identity())
+
+
+def test_representation_grams_on_the_cpu_are_float64_exact():
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis.cka import center_gram
+
+    model = tiny_vit()
+    x = images(6)
+    norm = Normalization((0.5,), (0.5,), "test")
+    grams = representation_grams(model, x, ["block0", "final"], normalization=norm)
+    feats = layer_representations(model, norm(x), ["block0", "final"])
+    for name, f in feats.items():
+        f = f.double()
+        assert grams[name].dtype == torch.float64 and grams[name].device.type == "cpu"
+        assert torch.equal(grams[name], center_gram(f @ f.T)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grams_are_built_on_the_model_device_and_match_cpu_float64(monkeypatch):
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis import stir as stir_module
+    from peft_ssf.analysis.cka import center_gram
+
+    seen = []
+    real = stir_module.gram_linear
+    monkeypatch.setattr(stir_module, "gram_linear", lambda x: seen.append(x.device) or real(x))
+    model = tiny_vit().cuda()
+    x = images(6)
+    norm = Normalization((0.5,), (0.5,), "test")
+    grams = representation_grams(model, x, ["block0", "final"], normalization=norm)
+    assert seen and all(d.type == "cuda" for d in seen)
+    feats = layer_representations(model, norm(x.cuda()), ["block0", "final"])  # same device features, on the CPU
+    for name, f in feats.items():
+        f = f.double()
+        assert grams[name].device.type == "cpu"
+        torch.testing.assert_close(grams[name], center_gram(f @ f.T), rtol=1e-12, atol=1e-9)
+
+
+def test_inversion_cache_notices_in_place_changes_even_without_version_bumps():
+    model = tiny_vit()
+    x = images(5)
+    cache = InversionCache()
+    kw = dict(steps=3, batch_size=5, progress=False, **NORM)
+    first = cache.invert(model, "block0", x, **kw)
+    assert cache.invert(model, "block0", x, **kw) is first and cache.performed == 1
+    # a write through .data does not bump the version counter
+    weight = model.vit.embeddings.patch_embeddings.projection.weight
+    version = weight._version
+    weight.data.mul_(1.5)
+    assert weight._version == version
+    second = cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 2 and getattr(cache, "stale", 1) == 1
+    assert not torch.equal(second.inputs, first.inputs)
+    torch.testing.assert_close(second.inputs, invert(model, "block0", x, **kw).inputs, rtol=0, atol=0)
+    # a fused AdamW step (the Trainer default) does not bump version counters either
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(pixel_values=x).logits.sum().backward()
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions
+    cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 3
+    assert cache.invert(model, "block0", x, **kw) is not None and cache.performed == 3  # unchanged: served
+    with torch.no_grad():
+        x.mul_(0.5)  # the images changed in place
+    cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 4

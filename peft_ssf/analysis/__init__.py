@@ -28,7 +28,18 @@ from .features import (
     unwrap_model,
 )
 from .report import InvarianceReport, compare
-from .stir import InversionCache, InversionResult, image_seed, invert, representation_grams, stir, stir_matrix
+from .stir import (
+    InversionCache,
+    InversionResult,
+    image_seed,
+    invert,
+    model_fingerprint,
+    noise_baseline,
+    noise_images,
+    representation_grams,
+    stir,
+    stir_matrix,
+)
 
 __all__ = [
     "FINAL",
@@ -50,6 +61,9 @@ __all__ = [
     "layer_names",
     "layer_representations",
     "linear_cka",
+    "model_fingerprint",
+    "noise_baseline",
+    "noise_images",
     "representation_grams",
     "resolve_normalization",
     "stir",
