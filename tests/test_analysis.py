@@ -610,6 +610,9 @@ def test_cli_end_to_end(tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert data["finetuned"] == ["full"] and data["layers"] == ["block1", "final"]
     assert data["settings"]["size"] == 16 and data["settings"]["n_images"] == 5
+    protocol = data["settings"]["protocol"]
+    assert protocol["protocol"] == "cached" and not protocol["fresh_noise_per_cell"]
+    assert protocol["overrides"] == {"n": 5, "steps": 3}
     assert "retention" in capsys.readouterr().out
     # a non-empty --out is refused unless --overwrite
     assert run_analyze(parser.parse_args(argv)) == 2
@@ -638,6 +641,85 @@ def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
 # Issue 16: faithful protocol, noise floor, eval mode, half precision, Hub normalisation, NaN summary, device Grams,
 # stale inversion cache. New names are imported inside the tests so that each test fails on its own on older code.
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _analyze_parser():
+    import argparse
+
+    from peft_ssf.analysis.cli import add_analyze_arguments
+
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    return parser
+
+
+def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tmp_path, capsys):
+    from peft_ssf.analysis.cli import run_analyze
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full")
+    _write_images(tmp_path / "imgs", 6, size=(24, 20))
+    argv = [
+        "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full"), "--images",
+        str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--faithful", "--n", "5", "--steps", "2",
+        "--layers", "block1", "final", "--mean", "0.5", "--std", "0.5", "--no-reverse", "--no-within",
+        "--no-plots", "--quiet",
+    ]  # fmt: skip
+    assert run_analyze(_analyze_parser().parse_args(argv)) == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    settings = data["settings"]
+    assert settings["fresh_noise_per_cell"] is True
+    # R only, 2 layers, fresh noise: one inversion per cell (the cached estimator would run 2)
+    assert data["inversions"]["performed"] == data["inversions"]["without_cache"] == 4
+    assert settings["estimator"].startswith("fresh noise per cell")
+    assert settings["protocol"] == {
+        "protocol": "faithful", "n": 5, "steps": 2, "step_size": 0.5, "size": 16, "fresh_noise_per_cell": True,
+        "overrides": {"n": 5, "steps": 2},
+    }  # fmt: skip
+    assert settings["faithful"] is False  # overridden settings are not called faithful
+    assert "protocol faithful (overrides: n=5, steps=2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _analyze_parser().parse_args([*argv, "--protocol", "bogus"])
+    assert run_analyze(_analyze_parser().parse_args([*argv, "--overwrite", "--protocol", "cached"])) == 2
+
+    # what --faithful sets, and where it says so
+    from peft_ssf.analysis.protocol import FAITHFUL
+
+    assert FAITHFUL.resolve(None) == {
+        "protocol": "faithful", "n": 500, "steps": 500, "step_size": 0.5, "size": 224,
+        "fresh_noise_per_cell": True, "overrides": {},
+    }  # fmt: skip
+    assert FAITHFUL.resolve(384)["n"] == 100
+    help_text = " ".join(_analyze_parser().format_help().split())
+    assert "fresh noise per STIR cell" in help_text and "n=500" in help_text and "500 steps of 0.5" in help_text
+
+
+def test_report_carries_a_per_layer_noise_baseline(small_report, tmp_path):
+    pretrained, finetuned, x, report = small_report
+    assert set(report.noise_baseline) == {"pretrained", "near", "far"}
+    from peft_ssf.analysis import noise_baseline, noise_images
+
+    noise = noise_images(x.shape[1:], x.shape[0], seed=0)
+    assert float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0
+    clean_feats = layer_representations(finetuned["near"], (x - 0.5) / 0.5)
+    noise_feats = layer_representations(finetuned["near"], (noise - 0.5) / 0.5)
+    for k, layer in enumerate(report.layers):
+        expected = linear_cka(clean_feats[layer], noise_feats[layer])
+        assert report.noise_baseline["near"][k] == pytest.approx(expected, abs=1e-12)
+    direct = noise_baseline(finetuned["near"], x, **NORM)
+    assert list(direct.values()) == pytest.approx(report.noise_baseline["near"], abs=1e-12)
+    # in the JSON, the CSV, the summary and on the heatmaps
+    assert report.to_dict()["noise_baseline"]["far"] == pytest.approx(report.noise_baseline["far"])
+    assert "noise floor" in report.summary()
+    report.save(tmp_path / "out", plots=False)
+    lines = (tmp_path / "out" / "noise_baseline.csv").read_text().strip().splitlines()
+    assert lines[0].split(",")[1:] == ["pretrained", "near", "far"] and len(lines) == 1 + len(report.layers)
+    pytest.importorskip("matplotlib")
+    r_fig = report.figure("R", "near")  # evaluated layer along the columns: floor as an extra row
+    assert [t.get_text() for t in r_fig.axes[0].get_yticklabels()][-1] == "noise floor"
+    w_fig = report.figure("W", "far")  # evaluated layer along the rows: floor as an extra column
+    assert [t.get_text() for t in w_fig.axes[0].get_xticklabels()][-1] == "noise floor"
 
 
 def test_representations_run_in_eval_mode_and_restore_the_callers_mode():
@@ -717,6 +799,17 @@ def test_hub_id_models_resolve_their_processor_offline_or_raise(tmp_path, monkey
         resolve_normalization(_Identity())
 
 
+def test_summary_prints_nan_for_an_all_nan_row(small_report):
+    report = copy.deepcopy(small_report[3])
+    report.R["near"][1] = math.nan
+    lines = report.summary().splitlines()
+    row = next(line for line in lines if line.strip().startswith("block1:"))
+    assert row.count("nan") >= 2  # retention and best value
+    comp = report.compression()["near"][1]
+    assert comp["best_layer"] is None and comp["best_value"] is None and comp["shift"] is None
+    assert json.dumps(report.to_dict())  # still serialisable
+
+
 def test_representation_grams_on_the_cpu_are_float64_exact():
     from peft_ssf.analysis import representation_grams
     from peft_ssf.analysis.cka import center_gram
@@ -782,3 +875,21 @@ def test_inversion_cache_notices_in_place_changes_even_without_version_bumps():
         x.mul_(0.5)  # the images changed in place
     cache.invert(model, "block0", x, **kw)
     assert cache.performed == 4
+
+
+def test_analysis_functions_are_short_or_say_why():
+    """Readable units: no function body (after its docstring) over 60 lines unless its docstring says why."""
+    import ast
+    from pathlib import Path
+
+    import peft_ssf.analysis
+
+    long = []
+    for file in sorted(Path(peft_ssf.analysis.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                first = node.body[1] if doc is not None and len(node.body) > 1 else node.body[0]
+                if node.end_lineno - first.lineno + 1 > 60 and "long because" not in (doc or "").lower():
+                    long.append(f"{file.name}:{node.name}")
+    assert long == []
