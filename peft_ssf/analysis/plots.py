@@ -66,9 +66,11 @@ def heatmap(
     fig = Figure(figsize=(size + 1.2 + 0.45 * (cols - n), size + 0.45 * (rows - n)))
     ax = fig.add_subplot()
     image = ax.imshow(shown.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    extra = ["", FLOOR_LABEL] if floor is not None else []
-    ax.set_xticks(range(cols), labels=list(layers) + (extra if floor_axis == "col" else []), rotation=90)
-    ax.set_yticks(range(rows), labels=list(layers) + (extra if floor_axis == "row" else []))
+    ticks = list(range(n)) + ([n + 1] if floor is not None else [])  # no tick on the gap before the floor
+    labels = list(layers) + ([FLOOR_LABEL] if floor is not None else [])
+    ax.set_xticks(ticks if floor_axis == "col" else range(n), labels=labels if floor_axis == "col" else list(layers))
+    ax.set_yticks(ticks if floor_axis == "row" else range(n), labels=labels if floor_axis == "row" else list(layers))
+    ax.tick_params(axis="x", labelrotation=90)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if floor is not None:
@@ -104,7 +106,7 @@ def lines(
     """One line per series over the layers; ``floors[name]`` (if given) is drawn dashed in the series' colour."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(max(5.0, 0.5 * len(layers) + 2.0), 3.8))
+    fig = Figure(figsize=(max(5.0, 0.5 * len(layers) + 2.0) + 2.2, 3.8))
     ax = fig.add_subplot()
     floors = floors or {}
     values_shown: list[float] = []
@@ -120,6 +122,6 @@ def lines(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
