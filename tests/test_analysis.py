@@ -617,6 +617,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     # a non-empty --out is refused unless --overwrite
     assert run_analyze(parser.parse_args(argv)) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # no preprocessor_config.json and no --mean / --std: a usage error that says what to pass
+    no_norm = [a for a in argv if a not in ("--mean", "--std", "0.5")]
+    assert run_analyze(parser.parse_args([*no_norm, "--overwrite"])) == 2
+    assert "--mean and --std" in capsys.readouterr().err
     assert run_analyze(parser.parse_args([*argv, "--overwrite"])) == 0
 
 

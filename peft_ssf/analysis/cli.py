@@ -340,7 +340,10 @@ def _run(args: argparse.Namespace) -> int:
     pretrained = load_model(args.pretrained, args.base).to(device)
     finetuned = {name: load_model(path, args.base).to(device) for name, path in zip(names, args.finetuned)}
     protocol = _protocol_settings(args, pretrained)
-    norm = resolve_normalization(pretrained, args.mean, args.std)
+    try:
+        norm = resolve_normalization(pretrained, args.mean, args.std)
+    except ValueError as exc:
+        raise AnalyzeError(str(exc)) from exc
     images = load_images(args.images, protocol["n"], protocol["size"], args.split, args.image_column)
     print(_describe(protocol, images, norm, device), file=sys.stderr)
     expected = _expected_inversions(args, pretrained, len(finetuned), protocol["fresh_noise_per_cell"])

@@ -20,6 +20,10 @@ returned as is. Every representation is returned as a 2-D [n, features] tensor.
 
 PEFT: a ``PeftModel`` is unwrapped with ``get_base_model()`` (adapters stay active; merged or not, it is the same
 module tree), then the backbone is found through ``base_model_prefix`` (``model.vit``, ``model.swin``, ...).
+
+Mode and precision: extraction runs in eval mode (dropout and drop-path would make two calls differ) and restores
+every submodule's training flag; outputs of half-precision models are promoted to float32 before any reduction,
+so the analysis adds no half-precision rounding to what the model itself computes.
 """
 
 from __future__ import annotations
