@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: models, methods, measurements, results files and the README section.
+"""Shared pieces of the benchmark scripts: models, methods, measurements, results files and their Markdown.
 
 Every script builds its models from configs (no download), runs everything in ONE process, interleaves the methods
 step by step (so background load hits all of them alike) and reports medians after warm-up and ratios to a
@@ -49,6 +49,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import peft_ssf  # noqa: E402
 from peft_ssf import residual  # noqa: E402
+from peft_ssf.engine.methods import METHODS as ENGINE_METHODS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
@@ -108,20 +109,6 @@ FLOOR_BIAS = {
     "convnext": r"convnext\.encoder\.stages\.0\.layers\.0\.dwconv\.bias",
 }
 
-#: comparison methods' targets per family (PEFT name-suffix matching)
-LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"], "convnext": ["pwconv1", "pwconv2"]}
-IA3_TARGETS = {
-    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "swin": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "convnext": (["dwconv", "pwconv2"], ["pwconv2"]),
-}
-LN_TARGETS = {
-    "vit": ["layernorm_before", "layernorm_after", "layernorm"],
-    "swin": ["layernorm_before", "layernorm_after", "norm", "layernorm"],
-    "convnext": ["layernorm"],
-}
-
-
 def model_spec(family: str, quick: bool = False) -> ModelSpec:
     """The B-size spec of ``family`` (or the tiny test-size one with ``quick``)."""
     return _SPECS[(family, "tiny" if quick else "base")]
@@ -167,7 +154,9 @@ def _quiet_peft(fn: Callable[[], nn.Module]) -> nn.Module:
 
 def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
     """A trainable copy of ``base`` for ``method`` (see ``METHODS``); the base model is left untouched."""
-    from peft import IA3Config, LNTuningConfig, LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from peft_ssf.engine.methods import peft_config
 
     head = ["classifier"]
     if method == "full":
@@ -182,21 +171,14 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
                     setattr(module, pname, nn.Parameter(param.detach().clone(), requires_grad=True))
         if sum(p.requires_grad for p in model.parameters()) != 3:
             raise RuntimeError(f"floor: expected classifier weight/bias + one bias trainable in {family}")
-    else:
+    elif method in METHODS:
+        variant = {"ssf_naive": {"fused": False}, "ssf_unpaired": {"pair_residuals": False}}.get(method, {})
+        engine_method = "ssf" if method in SSF_VARIANTS else method
+        config = peft_config(engine_method, family, head[0], **variant)
         shared = share_weights(base)
-        if method == "lora":
-            config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[family], modules_to_save=head)
-        elif method == "ia3":
-            targets, ff = IA3_TARGETS[family]
-            config = IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
-        elif method == "ln_tuning":
-            config = LNTuningConfig(target_modules=LN_TARGETS[family], modules_to_save=head)
-        elif method in SSF_VARIANTS:
-            config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive",
-                                        pair_residuals=method == "ssf_fused")
-        else:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         model = _quiet_peft(lambda: get_peft_model(shared, config))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return model.train()
 
 
@@ -359,7 +341,8 @@ def saved_activations(model: nn.Module, forward: Callable[[], torch.Tensor]) -> 
     """Count unique non-parameter storages saved for backward while ``forward()`` runs.
 
     Each saved storage is attributed to the innermost module running when it was saved. A storage saved only while
-    an SSF wrapper itself (not its base layer) was innermost is SSF's own extra memory.
+    an SSF wrapper itself (not its base layer) was innermost is SSF's own extra memory. (One function, a little over
+    60 lines: the hooks and the attribution share the module stack and the storage table.)
     """
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     names = {id(m): n for n, m in model.named_modules()}
@@ -587,9 +570,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rss", action="store_true", help="also sample the RSS delta of one step (CPU, noisy)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    parser.add_argument(
-        "--markdown", action="store_true", help="only re-render README_performance.md from the results files"
-    )
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -607,12 +587,11 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str, script: str) -> None:
-    """Write ``name.json`` and ``name.md`` under ``out_dir`` and refresh ``README_performance.md``."""
+    """Write ``name.json`` and ``name.md`` under ``out_dir`` (only those: ``make docs`` renders the README)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     header = f"<!-- generated by benchmarks/{script}; do not edit by hand -->\n"
     (out_dir / f"{name}.md").write_text(header + markdown.rstrip() + "\n")
-    render_readme_section(out_dir)
 
 
 def _json_default(obj: Any) -> Any:
@@ -654,62 +633,33 @@ def iter_sections(out_dir: Path) -> Iterator[str]:
     targets = targets_markdown(out_dir)
     if targets:
         yield targets
-    train = _load(out_dir, "train_cost")
-    if train:
-        yield train_summary_markdown(train)
-    infer = _load(out_dir, "inference_latency")
-    if infer:
-        yield inference_summary_markdown(infer)
-    merge = _load(out_dir, "merge_time")
-    if merge:
-        yield merge_summary_markdown(merge)
-    scaling = _load(out_dir, "scaling")
-    if scaling:
-        yield scaling_summary_markdown(scaling)
+    renderers = {"train_cost": train_summary_markdown, "inference_latency": inference_summary_markdown,
+                 "merge_time": merge_summary_markdown, "scaling": scaling_summary_markdown}
+    for name, render in renderers.items():
+        data = _load(out_dir, name)
+        if data:
+            yield render(data)
 
 
-def render_readme_section(out_dir: Path = RESULTS_DIR) -> str:
-    """Render ``README_performance.md`` (the README's performance section) from the results files."""
+def performance_section(out_dir: Path = RESULTS_DIR) -> str:
+    """``README_performance.md``: every results file present in ``out_dir`` rendered as Markdown (writes nothing;
+    ``python -m benchmarks.docs`` / ``make docs`` writes it and the README block)."""
     blocks = list(iter_sections(out_dir))
-    text = (
-        "<!-- generated from benchmarks/results/*.json by `python benchmarks/train_cost.py --markdown`; "
-        "do not edit by hand -->\n## Performance\n\n"
-    )
+    text = "<!-- generated from benchmarks/results/*.json by `make docs`; do not edit by hand -->\n## Performance\n\n"
     if not blocks:
-        text += "No benchmark results yet: run the scripts in `benchmarks/` (see benchmarks/README.md).\n"
-    else:
-        text += (
-            "Ratios to a reference measured in the same process, methods interleaved, medians after warm-up "
-            "(absolute times on a shared CPU are noisy; ratios are what to compare). Saved activations are "
-            "exact byte counts. Details and method: `docs/performance.md`; all numbers: "
-            "`benchmarks/results/`.\n\n" + "\n\n".join(blocks) + "\n"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "README_performance.md").write_text(text)
-    if out_dir.resolve() == RESULTS_DIR.resolve():
-        update_readme(blocks[:2])
-    return text
+        return text + "No benchmark results yet: run the scripts in `benchmarks/` (see benchmarks/README.md).\n"
+    return text + (
+        "Ratios to a reference measured in the same process, methods interleaved, medians after warm-up "
+        "(absolute times on a shared CPU are noisy; ratios are what to compare). Saved activations are "
+        "exact byte counts. Details and method: `docs/performance.md`; all numbers: "
+        "`benchmarks/results/`.\n\n" + "\n\n".join(blocks) + "\n"
+    )
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_START = "<!-- performance:start (generated by `python benchmarks/train_cost.py --markdown`) -->"
-README_END = "<!-- performance:end -->"
-
-
-def update_readme(blocks: list[str], readme: Path = README) -> bool:
-    """Replace the README text between the performance markers with ``blocks`` (targets and training cost);
-    returns False (and leaves the file alone) when the markers are missing."""
-    if not readme.is_file():
-        return False
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return False
-    body = "\n\n".join(blocks) if blocks else "No benchmark results yet."
-    new = text[: start + len(README_START)] + "\n" + body + "\n" + text[end:]
-    if new != text:
-        readme.write_text(new)
-    return True
+def readme_performance_block(out_dir: Path = RESULTS_DIR) -> str:
+    """The README's performance block: the targets and the training-cost summary (the first two sections)."""
+    blocks = list(iter_sections(out_dir))[:2]
+    return "\n\n".join(blocks) if blocks else "No benchmark results yet."
 
 
 def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
@@ -740,12 +690,10 @@ def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
     return "\n".join(lines)
 
 
+#: the engine's labels for the shared methods, plus the cost variants only this suite measures
 METHOD_LABELS = {
+    **ENGINE_METHODS,
     "floor": "floor (frozen + 1 bias)",
-    "full": "full fine-tuning",
-    "lora": "LoRA r=8",
-    "ia3": "IA3",
-    "ln_tuning": "LN-tuning",
     "ssf_naive": "SSF naive",
     "ssf_unpaired": "SSF fused, pair_residuals=False",
     "ssf_fused": "SSF fused + residual pairing (default)",
@@ -787,34 +735,26 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _table(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A caption line and a Markdown table."""
+    lines = [caption + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def inference_summary_markdown(data: dict[str, Any]) -> str:
     """Inference latency ratios to the base model."""
-    lines = [
-        "**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]) + "\n",
-        "| model | batch | base (ms) | SSF unmerged | SSF merged | merged = base graph |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        same = "yes" if r["merged_is_base_graph"] else "NO"
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['base_ms']:.1f} | {fmt_ratio(r['ratio_unmerged'])} | "
-            f"{fmt_ratio(r['ratio_merged'])} | {same} |"
-        )
-    return "\n".join(lines)
+    rows = [[r["model"], r["batch"], f"{r['base_ms']:.1f}", fmt_ratio(r["ratio_unmerged"]),
+             fmt_ratio(r["ratio_merged"]), "yes" if r["merged_is_base_graph"] else "NO"] for r in data["rows"]]
+    return _table("**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]),
+                  ["model", "batch", "base (ms)", "SSF unmerged", "SSF merged", "merged = base graph"], rows)
 
 
 def merge_summary_markdown(data: dict[str, Any]) -> str:
     """merge_and_unload wall time."""
-    lines = [
-        "**merge_and_unload time** (median). " + meta_line(data["meta"]) + "\n",
-        "| model | SSF sites | time (s) | wall clock (s) |",
-        "|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        wall = r.get("median_wall_s")
-        wall_txt = '-' if wall is None else f'{wall:.3f}'
-        lines.append(f"| {r['model']} | {r['sites']} | {r['median_s']:.3f} | {wall_txt} |")
-    return "\n".join(lines)
+    rows = [[r["model"], r["sites"], f"{r['median_s']:.3f}",
+             "-" if r.get("median_wall_s") is None else f"{r['median_wall_s']:.3f}"] for r in data["rows"]]
+    return _table("**merge_and_unload time** (median). " + meta_line(data["meta"]),
+                  ["model", "SSF sites", "time (s)", "wall clock (s)"], rows)
 
 
 def scaling_summary_markdown(data: dict[str, Any]) -> str:

@@ -8,15 +8,14 @@ share the frozen weights; steps are interleaved, medians are taken after warm-up
 site type the script also reports the bytes saved for backward by the SSF op alone (nothing else saves them).
 
 Usage:
-    python benchmarks/train_cost.py                               # ViT-B/16, Swin-B, ConvNeXt-B @224, batch 8, CPU
-    python benchmarks/train_cost.py --families vit --steps 3      # one model, fewer steps
-    python benchmarks/train_cost.py --methods floor ssf_unpaired ssf_fused
-    python benchmarks/train_cost.py --device cuda --dtype bf16 --batch 64
-    python benchmarks/train_cost.py --quick                       # tiny configs (smoke test)
-    python benchmarks/train_cost.py --markdown                    # only re-render results/README_performance.md
-    python benchmarks/train_cost.py --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
-    python benchmarks/train_cost.py --update-peaks                # re-measure only the peaks of train_cost.json
-    python benchmarks/train_cost.py --combine /tmp/a /tmp/b       # merge per-model runs made in parallel into --out
+    python -m benchmarks.train_cost                               # ViT-B/16, Swin-B, ConvNeXt-B @224, batch 8, CPU
+    python -m benchmarks.train_cost --families vit --steps 3      # one model, fewer steps
+    python -m benchmarks.train_cost --methods floor ssf_unpaired ssf_fused
+    python -m benchmarks.train_cost --device cuda --dtype bf16 --batch 64
+    python -m benchmarks.train_cost --quick                       # tiny configs (smoke test)
+    python -m benchmarks.train_cost --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
+    python -m benchmarks.train_cost --update-peaks                # re-measure only the peaks of train_cost.json
+    python -m benchmarks.train_cost --combine /tmp/a /tmp/b       # merge per-model runs made in parallel into --out
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402
+from . import common as C
 
 
 def log(msg: str) -> None:
@@ -140,7 +137,7 @@ def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
 
 
 def write_payload(out: Path, payload: dict[str, Any]) -> None:
-    """Write ``train_cost.json`` / ``.md`` (and the README section) from a payload."""
+    """Write ``train_cost.json`` / ``.md`` from a payload."""
     cfg = payload["config"]
     sections = [family_markdown(run, cfg) for run in payload["runs"].values()]
     markdown = f"## Training cost\n\n{C.train_summary_markdown(payload)}\n\n" + "\n\n".join(sections)
@@ -261,12 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="only re-measure the peak step memory of the families in an existing train_cost.json")
     args = parser.parse_args(argv)
     if args.combine:
-        payload = combine(args.combine, args.out)
-        print(C.render_readme_section(args.out))
-        return payload
-    if args.markdown:
-        print(C.render_readme_section(args.out))
-        return {}
+        return combine(args.combine, args.out)
     C.setup(args)
     args.batch = args.batch or (2 if args.quick else 8)
     args.image_size = args.image_size or (32 if args.quick else 224)

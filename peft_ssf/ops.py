@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
+from .guard import RECONSTRUCT_MIN_SCALE, scales_reconstructible
 from .residual import KeptOutput, ResidualPairing
 
-# Below this magnitude dividing by the scale (to get the scale gradient from y) amplifies rounding noise.
-RECONSTRUCT_MIN_SCALE = 1e-3
+__all__ = ["RECONSTRUCT_MIN_SCALE", "scale_shift_fused", "scale_shift_naive"]
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -65,6 +65,12 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "SSF's fused training op does not support higher-order gradients (backward with create_graph=True, "
+                "torch.autograd.grad(..., create_graph=True), double backward): its backward rebuilds values "
+                "instead of keeping the graph. Use SSFConfig(fused=False) for this model."
+            )
         if ctx.kept is not None:
             (scale, shift), act = ctx.saved_tensors, None
         else:
@@ -96,22 +102,169 @@ def scale_shift_fused(
     *,
     from_output: Optional[bool] = None,
     mode: Optional[ResidualPairing] = None,
+    owner: object = None,
 ) -> torch.Tensor:
     """Memory-saving SSF op: same values and gradients as ``scale_shift_naive``, keeps its output instead of ``h``.
 
     Args:
         from_output: whether every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (so the output can stand in for ``h``);
-            computed here when None. Layers pass a cached value to avoid a device sync per forward.
-        mode: the active ``residual.ResidualPairing`` (float32 / float64 outputs only); the output is tracked so
-            that, if it meets a residual add, the op keeps the add's operands instead of its own output.
+            checked here when None (one host-device sync). Layers pass the answer of ``guard.scale_guard``.
+        mode: the active ``residual.ResidualPairing``; the output is tracked so that, if it meets a residual add
+            with a float32 / float64 result, the op keeps the add's operands instead of its own output.
+        owner: the SSF layer calling (recorded by the pairing mode to find residual sites).
     """
     if from_output is None:
-        from_output = bool((scale.detach().abs() >= RECONSTRUCT_MIN_SCALE).all())
-    if mode is not None and (not from_output or h.dtype not in (torch.float32, torch.float64)):
+        from_output = scales_reconstructible([scale])[0]
+    if not from_output:
         mode = None
     y = _ScaleShiftSaveOutput.apply(h, scale, shift, from_output, mode)
     if mode is not None and y.grad_fn is not None:
         kept = getattr(y.grad_fn, "kept", None)
         if kept is not None:
-            mode.track(y, kept)
+            mode.track(y, kept, owner)
+    return y
+
+
+# ----- SSF folded into a frozen Linear / Conv ---------------------------------------------------------------------
+def _low_precision(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type`` (None otherwise)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+class _FoldedScaleShift(torch.autograd.Function):
+    """``y = op(x, scale * W, scale * b + shift)`` for a frozen Linear / Conv ``op``: SSF costs no activation pass.
+
+    Forward folds the per-channel scale and shift into the weight and bias before the GEMM / convolution (a pass over
+    the weight instead of one over the output). Backward gets the input gradient from the same folded weight (so
+    ``grad * scale`` is never formed either), and the scale / shift gradients from the kept output ``y`` as in
+    ``_ScaleShiftSaveOutput``: ``shift' = sum(g)``, ``scale' = (sum(g * y) - shift * sum(g)) / scale``, reduced over
+    every axis but the channel axis, accumulated in at least float32.
+
+    Under autocast the inputs are cast to the autocast dtype here (as autocast would), and the cast folded weight is
+    kept for backward, exactly as autocast keeps the cast weight of a frozen op; in float32 nothing weight-sized is
+    kept and backward refolds the weight (or scales the gradient, whichever is smaller).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, site, mode):  # type: ignore[override]
+        dtype = weight.dtype
+        scale_w = scale if scale.dtype == dtype else scale.to(dtype)
+        w = weight * scale_w.view(site.weight_shape)
+        b = None
+        if bias is not None:
+            if shift is None:
+                b = bias * scale_w
+            else:
+                b = torch.addcmul(shift if shift.dtype == dtype else shift.to(dtype), bias, scale_w)
+        elif shift is not None:
+            b = shift if shift.dtype == dtype else shift.to(dtype)
+        low = _low_precision(x.device.type)
+        if low is not None and dtype != low:
+            # cast here, as autocast would inside the op, so that the cast folded weight can be kept for backward
+            w, b = w.to(low), (b.to(low) if b is not None else None)
+        y = site.run(x, w, b)  # under autocast the op casts x; w and b are already in its dtype
+        ctx.site, ctx.has_shift, ctx.x_shape = site, shift is not None, x.shape
+        ctx.kept = KeptOutput(y) if mode is not None else None
+        kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
+        ctx.save_for_backward(None if mode is not None else y, weight, kept_w, scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "SSF's fused training op does not support higher-order gradients (create_graph=True / double "
+                "backward). Use SSFConfig(fused=False) for this model."
+            )
+        y, weight, kept_w, scale, shift = ctx.saved_tensors
+        site = ctx.site
+        grad_x = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            if kept_w is not None:
+                grad_x = site.input_grad(g, kept_w, ctx.x_shape)
+            elif weight.numel() <= g.numel():
+                grad_x = site.input_grad(g, weight * scale.to(weight.dtype).view(site.weight_shape), ctx.x_shape)
+            else:
+                grad_x = site.input_grad(g * scale.to(g.dtype).view(site.out_shape(g.dim())), weight, ctx.x_shape)
+        need_scale = ctx.needs_input_grad[3]
+        need_shift = ctx.has_shift and ctx.needs_input_grad[4]
+        if need_scale or need_shift:
+            dims = site.reduce_dims(g.dim())
+            wide = torch.promote_types(g.dtype, torch.float32)
+            gsum = g.sum(dim=dims, dtype=wide)
+            if need_shift:
+                grad_shift = gsum.to(shift.dtype)
+            if need_scale:
+                out = ctx.kept.output() if ctx.kept is not None else y
+                gy = (g * out).sum(dim=dims, dtype=torch.promote_types(wide, out.dtype))
+                if shift is not None:
+                    gy = gy - shift.to(gy.dtype) * gsum
+                grad_scale = (gy / scale.to(gy.dtype)).to(scale.dtype)
+        return grad_x, None, None, grad_scale, grad_shift, None, None
+
+
+class FoldSite:
+    """How one frozen op is run, differentiated and reduced for ``_FoldedScaleShift`` (Linear or ConvNd)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.is_linear = isinstance(module, torch.nn.Linear)
+        self.out_channels = module.weight.shape[0]
+        # the scale multiplies output channels: rows of a Linear weight, the first axis of a conv kernel
+        self.weight_shape = (-1, 1) if self.is_linear else (-1,) + (1,) * (module.weight.dim() - 1)
+
+    def run(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.is_linear:
+            return torch.nn.functional.linear(x, w, b)
+        return self.module._conv_forward(x, w, b)
+
+    def input_grad(self, g: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        if self.is_linear:
+            return g.matmul(w.to(g.dtype))
+        m = self.module
+        conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+        return conv_input[w.dim() - 2](x_shape, w.to(g.dtype), g, m.stride, m.padding, m.dilation, m.groups)
+
+    def reduce_dims(self, ndim: int) -> list[int]:
+        channel = ndim - 1 if self.is_linear else 1
+        return [d for d in range(ndim) if d != channel]
+
+    def out_shape(self, ndim: int) -> list[int]:
+        return [-1] if self.is_linear else [-1] + [1] * (ndim - 2)
+
+    @staticmethod
+    def supports(module: torch.nn.Module) -> bool:
+        """Exact nn.Linear / ConvNd types, zero padding mode and numeric padding, no accelerate hook (the caller
+        checks that the weights are frozen)."""
+        if type(module) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+            return False
+        if "_hf_hook" in module.__dict__:
+            return False
+        if isinstance(module, torch.nn.Linear):
+            return True
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def folded_scale_shift(
+    x: torch.Tensor,
+    site: FoldSite,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    mode: Optional[ResidualPairing] = None,
+    owner: object = None,
+) -> torch.Tensor:
+    """SSF on a frozen Linear / Conv with the scale and shift folded into its weight (see ``_FoldedScaleShift``).
+
+    Same values as ``scale_shift_naive(op(x), scale, shift)`` up to rounding, same gradients as the naive op for
+    ``x``, ``scale`` and ``shift``. Requires every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (the caller checks);
+    ``scale`` / ``shift`` are the raw ``[C]`` parameters.
+    """
+    m = site.module
+    y = _FoldedScaleShift.apply(x, m.weight, m.bias, scale, shift, site, mode)
+    if mode is not None and y.grad_fn is not None:
+        kept = getattr(y.grad_fn, "kept", None)
+        if kept is not None:
+            mode.track(y, kept, owner)
     return y

@@ -61,8 +61,9 @@ class KeptOutput:
         self.inverses = inverses
         self.y = None
 
-    def output(self, dtype: torch.dtype) -> torch.Tensor:
-        """``y`` in ``dtype`` (rebuilt if paired); raises if a tensor it needs was modified in place."""
+    def output(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``y`` in ``dtype`` (rebuilt if paired; None: as kept, or in the residual stream's dtype when rebuilt);
+        raises if a tensor it needs was modified in place."""
         tensors = (self.y,) if self.pair is None else self.pair
         if tuple(t._version for t in tensors) != self.versions:
             raise RuntimeError(
@@ -72,9 +73,9 @@ class KeptOutput:
                    "for models that update their residual stream in place.")
             )
         if self.pair is None:
-            return self.y.to(dtype)
+            return self.y if dtype is None else self.y.to(dtype)
         r, z = self.pair
-        d = z.to(dtype) - r.to(dtype)
+        d = z - r if dtype is None else z.to(dtype) - r.to(dtype)
         for inverse in reversed(self.inverses):
             d = inverse(d)
         return d
@@ -107,16 +108,47 @@ def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Opti
 
 
 class ResidualPairing(TorchFunctionMode):
-    """Pairs tracked SSF outputs with the residual add they feed (see the module docstring)."""
+    """Pairs tracked SSF outputs with the residual add they feed (see the module docstring).
 
-    def __init__(self) -> None:
+    A Python ``__torch_function__`` costs microseconds per torch call, so the mode is only active where it can pair:
+    in a *discovery* forward (``sites=None``) it watches the whole forward and records which sites paired; later
+    forwards pass those sites, and the mode is entered when such a site produces its output and left at the next
+    site once nothing is pending (typically two intercepted calls per site: a dropout and the add).
+    """
+
+    def __init__(self, sites: Optional[frozenset[int]] = None) -> None:
         super().__init__()
-        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple]] = {}
+        self.sites = sites
+        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int]] = {}
         self.paired = 0
+        self.paired_sites: set[int] = set()
+        self.entered = False  # scoped mode: currently on the torch-function mode stack
 
-    def track(self, y: torch.Tensor, record: KeptOutput) -> None:
+    def wants(self, layer: object) -> bool:
+        """Whether ``layer``'s output should be tracked this forward."""
+        return self.sites is None or id(layer) in self.sites
+
+    def track(self, y: torch.Tensor, record: KeptOutput, layer: object = None) -> None:
         """Follow ``y`` (an SSF output whose op keeps ``record``) until it meets a residual add."""
-        self.pending[id(y)] = (weakref.ref(y), record, ())
+        self.pending[id(y)] = (weakref.ref(y), record, (), id(layer))
+        if self.sites is not None and not self.entered:
+            self.__enter__()
+            self.entered = True
+
+    def site_starts(self) -> None:
+        """An SSF site begins its forward: leave a scoped mode once nothing is left to pair."""
+        if not self.entered:
+            return
+        for key in [k for k, entry in self.pending.items() if entry[0]() is None]:
+            del self.pending[key]
+        if not self.pending:
+            self.leave()
+
+    def leave(self) -> None:
+        """Pop a scoped mode (only from the top of the stack: another mode pushed since stays intact)."""
+        if self.entered and _top_torch_function_mode() is self:
+            self.__exit__(None, None, None)
+            self.entered = False
 
     def _entry(self, t: Any) -> Optional[tuple[weakref.ref, KeptOutput, tuple]]:
         entry = self.pending.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -136,13 +168,14 @@ class ResidualPairing(TorchFunctionMode):
                         entry[1].pair_with(r, out, entry[2])
                         del self.pending[id(y)]
                         self.paired += 1
+                        self.paired_sites.add(entry[3])
                         break
         elif name in _SHUFFLE_NAMES and out is not args[0]:
             entry = self._entry(args[0])
             if entry is not None:
                 inverse = _inverse_of(func, args, kwargs, args[0])
                 if inverse is not None:
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,))
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
         return out
 
 
@@ -180,18 +213,32 @@ def hooks_only_observe() -> Iterator[None]:
         _LOCAL.observing = before
 
 
+def _top_torch_function_mode() -> Any:
+    depth = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(depth - 1) if depth else None
+
+
 @contextmanager
-def pairing() -> Iterator[ResidualPairing]:
-    """Enable residual pairing for the forward passes run inside (one training forward at a time)."""
+def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]:
+    """Enable residual pairing for the forward passes run inside (one training forward at a time).
+
+    Args:
+        sites: ids of the SSF layers whose output fed a residual add in an earlier forward of this model (the mode
+            is then entered only around them); None watches the whole forward to find them (``paired_sites``).
+    """
     outer = getattr(_LOCAL, "mode", None)
     if outer is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both
         yield outer
         return
-    mode = ResidualPairing()
+    mode = ResidualPairing(sites)
     _LOCAL.mode = mode
     try:
-        with mode:
+        if sites is None:
+            with mode:
+                yield mode
+        else:
             yield mode
     finally:
         _LOCAL.mode = None
+        mode.leave()
         mode.pending.clear()
