@@ -897,3 +897,26 @@ def test_analysis_functions_are_short_or_say_why():
                 if node.end_lineno - first.lineno + 1 > 60 and "long because" not in (doc or "").lower():
                     long.append(f"{file.name}:{node.name}")
     assert long == []
+
+
+def test_example_script_runs_end_to_end_and_reports_noise_floors(tmp_path, small_report):
+    """examples/analyze_finetuning.py with minimal settings (the README runs it at full size)."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "analyze_finetuning.py"
+    argv = ["--out", str(tmp_path / "report"), "--n", "6", "--steps", "2", "--pretrain-steps", "2",
+            "--finetune-steps", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "noise floor CKA(M_l(X), M_l(noise)) of full" in done.stdout
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["noise_baseline"]["full"]
+    spec = importlib.util.spec_from_file_location("analyze_finetuning", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    report = small_report[3]
+    assert example.estimator_difference(report, report).count("max 0.000, mean 0.000") == 3

@@ -7,9 +7,9 @@ source layer) and ``faithful`` (``--faithful``: the authors' settings, 500 image
 cell). Explicit ``--n`` / ``--steps`` / ``--step-size`` / ``--size`` / ``--fresh-noise-per-cell`` override the
 protocol and are recorded as overrides in the report.
 
-Model dirs are loaded with ``AutoModelForImageClassification`` (or ``AutoModel``). A PEFT adapter dir (one with
-``adapter_config.json``) is loaded onto its base model (``base_model_name_or_path``, or ``--base``) and merged;
-only that path imports ``peft_ssf`` (to register SSF with PEFT). Images: a folder searched recursively for
+Model dirs are loaded with the project's one loader (``peft_ssf.engine.load_model``): a checkpoint as its
+image-classification class (or ``AutoModel``), a PEFT adapter dir (one with ``adapter_config.json``) onto its base
+model (``base_model_name_or_path``, or ``--base``), merged. Images: a folder searched recursively for
 png / jpg files, or a ``datasets`` directory written by ``save_to_disk``; they are resized (shorter side) and
 centre-cropped with PIL + numpy, scaled to [0, 1], and the model's own normalisation is applied inside the analysis.
 """
@@ -17,7 +17,6 @@ centre-cropped with PIL + numpy, scaled to [0, 1], and the model's own normalisa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,60 +88,22 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_plain(path: str | Path, **kwargs: Any) -> nn.Module:
-    from transformers import AutoModel, AutoModelForImageClassification
-
-    try:
-        return AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
-    except (ValueError, KeyError):  # not an image-classification architecture: take the bare backbone
-        return AutoModel.from_pretrained(str(path))
-
-
-def _adapter_head_size(adapter_dir: Path) -> int | None:
-    """Output size of a classifier head saved with the adapter (modules_to_save), if any."""
-    file = adapter_dir / "adapter_model.safetensors"
-    if not file.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
-            if key.endswith("classifier.weight"):
-                shape = fh.get_slice(key).get_shape()
-                if len(shape) == 2:
-                    return int(shape[0])
-    return None
-
-
 def load_model(path: str | Path, base: str | Path | None = None) -> nn.Module:
-    """Load a local model dir, or a PEFT adapter dir merged into its base model, in eval mode."""
+    """Load a local model dir, or a PEFT adapter dir merged into its base model, in eval mode.
+
+    The project's one loader (:func:`peft_ssf.engine.load_model`) does the work; this adds the analysis CLI's
+    error handling (a missing dir or base model is a usage error, exit status 2).
+    """
+    from ..engine import AdapterLoadError
+    from ..engine import load_model as engine_load_model
+
     path = Path(path)
     if not path.is_dir():
         raise AnalyzeError(f"model dir not found: {path}")
-    if not (path / "adapter_config.json").is_file():
-        return _load_plain(path).eval()
-    with open(path / "adapter_config.json", encoding="utf-8") as fh:
-        adapter_config = json.load(fh)
-    candidates = [base] if base else []
-    declared = adapter_config.get("base_model_name_or_path")
-    if declared:
-        candidates += [declared, path / declared]
-    base_dir = next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
-    if base_dir is None:
-        raise AnalyzeError(
-            f"{path} is a PEFT adapter whose base model ({declared!r}) is not a local dir; pass --base DIR"
-        )
-    kwargs: dict[str, Any] = {}
-    head = _adapter_head_size(path)
-    if head is not None:
-        kwargs = {"num_labels": head, "ignore_mismatched_sizes": True}
-    base_model = _load_plain(base_dir, **kwargs)
-    from peft import PeftModel
-
-    import peft_ssf  # noqa: F401  (registers the SSF method with PEFT so that SSF adapters load)
-
-    model = PeftModel.from_pretrained(base_model, str(path))
-    return model.merge_and_unload().eval()
+    try:
+        return engine_load_model(path, base, merge=True).eval()
+    except AdapterLoadError as exc:
+        raise AnalyzeError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -37,9 +37,8 @@ import math
 import os
 import re
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io import atomic_write
 from .cka import cka_from_grams
 from .features import Normalization, TokenMode, layer_names, resolve_normalization
 from .stir import (
@@ -233,10 +233,7 @@ class InvarianceReport:
             _require_matplotlib()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written = [
-            _atomic_write(out / name, lambda fh, text=text: fh.write(text.encode("utf-8")))
-            for name, text in self._text_files().items()
-        ]
+        written = [atomic_write(out / name, text) for name, text in self._text_files().items()]
         if plots:
             written.extend(self._plot(out))
         return written
@@ -340,20 +337,6 @@ def _per_layer_csv(corner: str, layers: Sequence[str], series: Mapping[str, Sequ
     return _table_csv([corner, *names], rows)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> Path:
-    """Write through a temporary file in the same directory, then ``os.replace`` it onto ``path``."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:  # regular permissions (umask), unlike tempfile.mkstemp's 0600
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -371,7 +354,7 @@ def _require_matplotlib() -> None:
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
-    return _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
 
 
 # --------------------------------------------------------------------------------------------------------------------
