@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import math
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -31,20 +31,19 @@ from transformers import ViTConfig, ViTModel
 
 
 def load_analysis():
-    """``peft_ssf.analysis``; if the installed peft cannot import the SSF tuner, the analysis package alone (it
-    depends on torch and transformers only)."""
+    """``peft_ssf.analysis``; if the installed peft cannot import the SSF tuner (``peft_ssf/__init__``), the analysis
+    package from this checkout without the tuner (it needs torch, transformers and ``peft_ssf.io`` only)."""
     try:
         return importlib.import_module("peft_ssf.analysis")
     except Exception as exc:  # noqa: BLE001 - any import problem of the tuner package
-        folder = Path(__file__).resolve().parents[1] / "peft_ssf" / "analysis"
-        print(f"note: import peft_ssf failed ({type(exc).__name__}: {exc}); loading {folder} on its own")
-        spec = importlib.util.spec_from_file_location(
-            "ssf_analysis", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ssf_analysis"] = module
-        spec.loader.exec_module(module)
-        return module
+        root = Path(__file__).resolve().parents[1] / "peft_ssf"
+        print(f"note: import peft_ssf failed ({type(exc).__name__}: {exc}); loading {root / 'analysis'} alone")
+        for name in [m for m in sys.modules if m == "peft_ssf" or m.startswith("peft_ssf.")]:
+            del sys.modules[name]
+        package = types.ModuleType("peft_ssf")
+        package.__path__ = [str(root)]  # a namespace for the submodules; peft_ssf/__init__.py is not run
+        sys.modules["peft_ssf"] = package
+        return importlib.import_module("peft_ssf.analysis")
 
 
 def build_model(small: bool) -> ViTModel:
