@@ -236,12 +236,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
+_ADAPTER_PREFIXES = ("ssf_", "lora_", "ia3_")
+
+
 def _bf16_model(model: nn.Module) -> nn.Module:
-    """Cast the frozen weights to bfloat16 and keep trainable ones (adapters, head) in float32, as PEFT does for
-    adapter weights of half-precision models."""
-    for module in model.modules():
+    """The model in bfloat16, as after ``model.to(torch.bfloat16)`` before ``get_peft_model``: every weight (the
+    trainable head too) in bfloat16, PEFT adapter weights in float32 (PEFT's ``autocast_adapter_dtype``)."""
+    for name, module in model.named_modules():
+        if any(p in name for p in _ADAPTER_PREFIXES):
+            continue
         for param in list(module.parameters(recurse=False)):
-            if not param.requires_grad and param.is_floating_point():
+            if param.is_floating_point():
                 param.data = param.data.to(torch.bfloat16)
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_floating_point():

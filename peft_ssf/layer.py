@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
 from .guard import site_may_keep_output
-from .ops import FoldSite, folded_scale_shift, scale_shift_fused, scale_shift_naive
+from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
 MIN_UNMERGE_SCALE = 1e-4
@@ -469,9 +469,38 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
             if adapter in self.ssf_shift:
                 bias = bias + self.ssf_shift[adapter].to(base.bias.dtype)
             params["bias"] = bias
+        layout = _layer_norm_layout(base) if not args and not kwargs else None
+        if layout is not None and _half_precision_norm(base, x):
+            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
+            if layout == "channels_first":  # ConvNeXt's LayerNorm over dim 1: the same permutes as its forward
+                out = folded_layer_norm(x.permute(0, 2, 3, 1), base, self.ssf_scale[adapter], shift)
+                return out.permute(0, 3, 1, 2)
+            return folded_layer_norm(x, base, self.ssf_scale[adapter], shift)
         if type(base) is nn.LayerNorm and not args and not kwargs:  # skip functional_call's module swapping
             return F.layer_norm(x, base.normalized_shape, params["weight"], params.get("bias"), base.eps)
         return functional_call(base, params, (x, *args), kwargs, strict=False)
+
+
+#: LayerNorm subclasses whose forward is ``F.layer_norm`` over the last dim, or over dim 1 by permuting (ConvNeXt)
+_KNOWN_LAYER_NORMS = ("ConvNextLayerNorm", "ConvNextV2LayerNorm")
+
+
+def _layer_norm_layout(base: nn.Module) -> Optional[str]:
+    """``"channels_last"`` / ``"channels_first"`` for LayerNorms whose forward we know exactly, else None."""
+    if type(base) is nn.LayerNorm:
+        return "channels_last"
+    if type(base).__name__ in _KNOWN_LAYER_NORMS and type(base).__module__.startswith("transformers."):
+        return getattr(base, "data_format", None)
+    return None
+
+
+def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
+    """A frozen bf16 / fp16 norm on half-precision input, outside autocast and compilation: its parameter gradients
+    are computed by ``ops.folded_layer_norm`` (the CPU LayerNorm backward loses ~2% on them in half precision)."""
+    half = (torch.bfloat16, torch.float16)
+    weight = base.weight
+    return (weight is not None and weight.dtype in half and x.dtype in half and not weight.requires_grad
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
 class LayerNorm(_AffineNorm):

@@ -302,3 +302,62 @@ def folded_scale_shift(
         if kept is not None:
             mode.track(y, kept, owner)
     return y
+
+
+# ----- SSF folded into a half-precision LayerNorm ----------------------------------------------------------------
+class _FoldedLayerNorm(torch.autograd.Function):
+    """``LayerNorm(x; weight * scale, bias * scale + shift)`` for a half-precision (bf16 / fp16) model.
+
+    Folding SSF into the norm's affine parameters keeps nothing beyond what the norm keeps anyway. But the CPU
+    LayerNorm backward computes its parameter gradients in half precision with errors of about 2% (a plain sum of the
+    same gradient is 0.2%), so backward here takes only the input gradient from the norm's kernel and computes the
+    parameter sums itself with a float32 accumulator, from ``x``, ``mean`` and ``rstd`` that the norm keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, normalized_shape, eps):  # type: ignore[override]
+        s = scale.to(weight.dtype)
+        w = weight * s
+        b = None
+        if bias is not None:
+            b = bias * s if shift is None else bias * s + shift.to(bias.dtype)
+        elif shift is not None:
+            b = shift.to(weight.dtype)
+        y, mean, rstd = torch.native_layer_norm(x, normalized_shape, w, b, eps)
+        ctx.normalized_shape, ctx.has_shift = normalized_shape, shift is not None
+        ctx.save_for_backward(x, mean, rstd, w, b, weight, bias, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "SSF's fused training op does not support higher-order gradients (create_graph=True / double "
+                "backward). Use SSFConfig(fused=False) for this model."
+            )
+        x, mean, rstd, w, b, weight, bias, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                g, x, ctx.normalized_shape, mean, rstd, w, b, [True, False, False]
+            )[0]
+        need_scale, need_shift = ctx.needs_input_grad[3], ctx.has_shift and ctx.needs_input_grad[4]
+        grad_scale = grad_shift = None
+        if need_scale or need_shift:
+            dims = list(range(g.dim() - len(ctx.normalized_shape)))
+            g32 = g.float()
+            gb = g32.sum(dims)
+            grad_shift = gb.to(scale.dtype) if need_shift else None
+            if need_scale:
+                xhat = (x.float() - mean.float()) * rstd.float()
+                gw = (g32 * xhat).sum(dims)
+                grad = gw * weight.float() + (gb * bias.float() if bias is not None else 0.0)
+                grad_scale = grad.to(scale.dtype)
+        return grad_x, None, None, grad_scale, grad_shift, None, None
+
+
+def folded_layer_norm(
+    x: torch.Tensor, norm: torch.nn.LayerNorm, scale: torch.Tensor, shift: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """SSF folded into a frozen half-precision ``nn.LayerNorm`` with float32-accurate parameter gradients."""
+    return _FoldedLayerNorm.apply(x, norm.weight, norm.bias, scale, shift, tuple(norm.normalized_shape), norm.eps)

@@ -313,3 +313,62 @@ def test_skip_key_shift_covers_transformers_4_names(inner):
 
 def test_scale_guard_threshold_is_exported():
     assert RECONSTRUCT_MIN_SCALE == 1e-3
+
+
+# ----- precision: autocast and half-precision models ----------------------------------------------------------------
+def _reference_errors(family: str, mode: str, pixels: torch.Tensor) -> dict[str, float]:
+    """Median relative error of the SSF gradients of the naive and fused ops against a float64 run of the same
+    (half-precision-rounded) weights."""
+    import statistics
+
+    def grads(dtype: torch.dtype, autocast: bool, fused: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(3)
+        base = FAMILIES[family]()
+        base.to(torch.bfloat16 if mode == "bf16-model" else torch.float32).to(dtype)
+        model = get_peft_model(base, SSFConfig(init_weights=False, fused=fused, modules_to_save=["classifier"]))
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(pixel_values=pixels.to(dtype)).logits
+        torch.nn.functional.cross_entropy(logits.float(), LABELS).backward()
+        return {n: p.grad.double() for n, p in model.named_parameters() if "ssf_" in n and p.grad is not None}
+
+    ref = grads(torch.float64, False, False)
+    dtype, autocast = (torch.bfloat16, False) if mode == "bf16-model" else (torch.float32, True)
+    out = {}
+    for fused in (False, True):
+        got = grads(dtype, autocast, fused)
+        errs = [((got[n] - r).norm() / r.norm()).item() for n, r in ref.items() if r.norm() > 1e-6]
+        out["fused" if fused else "naive"] = statistics.median(errs)
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("mode", ["bf16-autocast", "bf16-model"])
+def test_fused_gradients_are_as_accurate_as_naive_in_half_precision(family, mode, pixels):
+    errors = _reference_errors(family, mode, pixels)
+    assert errors["naive"] < 0.25  # the comparison is meaningful: bf16 noise, not garbage
+    assert errors["fused"] <= 2 * errors["naive"] + 2e-3, errors
+
+
+def test_half_precision_layernorm_parameter_gradients_are_float32_accurate():
+    from peft_ssf.ops import folded_layer_norm
+
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(64).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        norm.bias.normal_(0, 0.2)
+    norm = norm.to(torch.bfloat16)
+    x = torch.randn(8, 33, 64).bfloat16().requires_grad_()
+    g = torch.randn(8, 33, 64).bfloat16()
+    scale = (1 + 0.1 * torch.randn(64)).requires_grad_()
+    shift = (0.1 * torch.randn(64)).requires_grad_()
+    folded_layer_norm(x, norm, scale, shift).backward(g)
+    # float64 reference of the same computation
+    x64 = x.detach().double().requires_grad_()
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    h = torch.nn.functional.layer_norm(x64, (64,), norm.weight.double(), norm.bias.double(), norm.eps)
+    (h * s64 + t64).backward(g.double())
+    for got, want in ((scale.grad, s64.grad), (shift.grad, t64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
+    assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 2e-2
