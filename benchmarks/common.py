@@ -53,6 +53,8 @@ from peft_ssf.engine.methods import METHODS as ENGINE_METHODS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
+#: every model train_cost.py knows: FAMILIES plus ConvNeXt-B with a learned-size layer scale
+ALL_FAMILIES = (*FAMILIES, "convnext_ls")
 METHODS = ("floor", "full", "lora", "ia3", "ln_tuning", "ssf_naive", "ssf_unpaired", "ssf_fused")
 #: the three SSF variants: ``SSFConfig(fused=False)``, ``SSFConfig(pair_residuals=False)``, the default
 SSF_VARIANTS = ("ssf_naive", "ssf_unpaired", "ssf_fused")
@@ -101,6 +103,17 @@ _SPECS: dict[tuple[str, str], ModelSpec] = {
         dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, drop_path_rate=0.0),
     ),
 }
+
+#: ConvNeXt with a learned-size layer scale instead of the 1e-6 it is initialised with (pretrained ConvNeXt layer
+#: scales are learned values; no pretrained weights are downloaded here, so 0.1 stands in for them)
+_SPECS[("convnext_ls", "base")] = ModelSpec(
+    "convnext", "ConvNeXt-B (layer scale 0.1)", T.ConvNextForImageClassification, T.ConvNextConfig,
+    {**_SPECS[("convnext", "base")].kwargs, "layer_scale_init_value": 0.1},
+)
+_SPECS[("convnext_ls", "tiny")] = ModelSpec(
+    "convnext", "ConvNeXt-tiny (layer scale 0.1)", T.ConvNextForImageClassification, T.ConvNextConfig,
+    {**_SPECS[("convnext", "tiny")].kwargs, "layer_scale_init_value": 0.1},
+)
 
 #: the bias left trainable in the floor: the first op of the first block, so backward runs through every block
 FLOOR_BIAS = {
@@ -163,7 +176,7 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
         model = copy.deepcopy(base).requires_grad_(True)
     elif method == "floor":
         model = share_weights(base).requires_grad_(False)
-        pattern = re.compile(FLOOR_BIAS[family])
+        pattern = re.compile(FLOOR_BIAS[model_spec(family).family])
         for name, module in model.named_modules():
             for pname, param in list(module.named_parameters(recurse=False)):
                 full = f"{name}.{pname}" if name else pname
@@ -174,7 +187,7 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
     elif method in METHODS:
         variant = {"ssf_naive": {"fused": False}, "ssf_unpaired": {"pair_residuals": False}}.get(method, {})
         engine_method = "ssf" if method in SSF_VARIANTS else method
-        config = peft_config(engine_method, family, head[0], **variant)
+        config = peft_config(engine_method, model_spec(family).family, head[0], **variant)
         shared = share_weights(base)
         model = _quiet_peft(lambda: get_peft_model(shared, config))
     else:
@@ -668,7 +681,11 @@ def iter_sections(out_dir: Path) -> Iterator[str]:
     targets = targets_markdown(out_dir)
     if targets:
         yield targets
-    renderers = {"train_cost": train_summary_markdown, "inference_latency": inference_summary_markdown,
+    for name in TRAIN_COST_FILES:
+        data = _load(out_dir, name)
+        if data:
+            yield train_summary_markdown(data)
+    renderers = {"inference_latency": inference_summary_markdown,
                  "merge_time": merge_summary_markdown, "scaling": scaling_summary_markdown}
     for name, render in renderers.items():
         data = _load(out_dir, name)
@@ -691,9 +708,15 @@ def performance_section(out_dir: Path = RESULTS_DIR) -> str:
     )
 
 
+#: training-cost results files, one per mode (``train_cost.py`` names them), in the order they are shown
+TRAIN_COST_FILES = ("train_cost", "train_cost_bf16", "train_cost_fp16", "train_cost_bf16-model",
+                    "train_cost_compiled", "train_cost_bf16_compiled", "train_cost_bf16_cuda",
+                    "train_cost_bf16_compiled_cuda")
+
+
 def readme_performance_block(out_dir: Path = RESULTS_DIR) -> str:
-    """The README's performance block: the targets and the training-cost summary (the first two sections)."""
-    blocks = list(iter_sections(out_dir))[:2]
+    """The README's performance block: the targets and the fp32 and bf16-autocast training-cost summaries."""
+    blocks = list(iter_sections(out_dir))[:3]
     return "\n\n".join(blocks) if blocks else "No benchmark results yet."
 
 

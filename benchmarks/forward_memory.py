@@ -67,10 +67,10 @@ def measure(family: str, method: str, dtype: str, *, batch: int, image_size: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .common import DTYPES, FAMILIES, METHODS
+    from .common import ALL_FAMILIES, DTYPES, METHODS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", choices=FAMILIES, required=True)
+    parser.add_argument("--family", choices=ALL_FAMILIES, required=True)
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--dtype", choices=DTYPES, default="fp32")
     parser.add_argument("--batch", type=int, default=8)

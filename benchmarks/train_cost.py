@@ -163,7 +163,7 @@ def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
         for family, run in payload["runs"].items():
             run.setdefault("meta", payload["meta"])
             merged["runs"][family] = run
-    order = [f for f in C.FAMILIES if f in merged["runs"]]
+    order = [f for f in C.ALL_FAMILIES if f in merged["runs"]]
     merged["runs"] = {f: merged["runs"][f] for f in order}
     write_payload(out, merged)
     return merged
@@ -280,7 +280,7 @@ def op_costs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
-    parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.FAMILIES)
+    parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.ALL_FAMILIES)
     parser.add_argument("--methods", nargs="+", default=list(C.METHODS), choices=C.METHODS)
     parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 with --quick)")

@@ -33,6 +33,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ADD_NAMES = frozenset({"add", "__add__", "__radd__"})
+_MUL_NAMES = frozenset({"mul", "__mul__", "__rmul__"})
+#: a frozen per-channel multiplier (ConvNeXt's layer scale) is undone by division when all its |entries| reach this
+LAYER_SCALE_MIN = 1e-2
+_MULTIPLIER_OK: dict[tuple[int, int, int], bool] = {}
 _SHUFFLE_NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "contiguous", "permute", "transpose", "roll"})
 _PAIRABLE_DTYPES = (torch.float32, torch.float64)
 
@@ -176,7 +180,51 @@ class ResidualPairing(TorchFunctionMode):
                 inverse = _inverse_of(func, args, kwargs, args[0])
                 if inverse is not None:
                     self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+        elif name in _MUL_NAMES and len(args) == 2 and not kwargs:
+            for y, m in ((args[0], args[1]), (args[1], args[0])):
+                entry = self._entry(y)
+                if entry is not None and out.shape == y.shape and _frozen_multiplier(m, y):
+                    inverse = _divide_by(m)
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+                    break
         return out
+
+
+def _frozen_multiplier(m: Any, y: torch.Tensor) -> bool:
+    """Whether ``y * m`` can be undone by division: ``m`` a frozen per-channel vector along ``y``'s last axis (or a
+    frozen scalar) with every ``|entry| >= LAYER_SCALE_MIN``.
+
+    A rebuilt ``y = (z - r) / m`` carries the rounding of ``z`` divided by ``m``, but the gradient reaching ``y`` is
+    ``m`` times the one reaching ``z``, so the error in the scale gradient is the same as for an unscaled residual;
+    the floor on ``|m|`` keeps the rebuilt values themselves meaningful (a layer scale at its 1e-6 initial value is
+    not paired). The check reads ``m`` once per storage and version: frozen weights do not change between steps.
+    """
+    if not isinstance(m, torch.Tensor) or m.requires_grad or not m.is_floating_point():
+        return False
+    if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != y.shape[-1]):
+        return False
+    key = (id(m), m.data_ptr(), m._version)
+    ok = _MULTIPLIER_OK.get(key)
+    if ok is None:
+        ok = bool(m.detach().abs().min() >= LAYER_SCALE_MIN) if m.numel() else False
+        if len(_MULTIPLIER_OK) > 4096:
+            _MULTIPLIER_OK.clear()
+        _MULTIPLIER_OK[key] = ok
+    return ok
+
+
+def _divide_by(m: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    frozen, version = m.detach(), m._version
+
+    def inverse(d: torch.Tensor) -> torch.Tensor:
+        if frozen._version != version:
+            raise RuntimeError(
+                "SSF: a per-channel multiplier (layer scale) between this site and its residual add was modified "
+                "in place after the forward pass. Set SSFConfig(pair_residuals=False) for this model."
+            )
+        return d / frozen
+
+    return inverse
 
 
 def active() -> Optional[ResidualPairing]:

@@ -230,3 +230,49 @@ def test_inference_fold_matches_scaling_the_output(make, shape):
     assert reference.requires_grad
     torch.testing.assert_close(folded, reference.detach(), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(folded, base(x), atol=1e-3)  # the adapter is visibly applied
+
+
+@pytest.mark.parametrize("gamma,expected_pairs", [(None, 0), (0.3, 2)])
+def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pixels):
+    """ConvNeXt multiplies pwconv2's output by a frozen layer scale before the residual add: with learned values
+    (not the 1e-6 initial value) the site pairs through it, with the unpaired gradients."""
+    grads, pairs = {}, {}
+    for pair in (False, True):
+        base = FAMILIES["convnext"]()
+        if gamma is not None:
+            torch.manual_seed(0)
+            for name, param in base.named_parameters():
+                if name.endswith("layer_scale_parameter"):
+                    with torch.no_grad():
+                        param.copy_(gamma * (0.5 + torch.rand_like(param)))
+        model = get_peft_model(base, SSFConfig(init_weights=False, pair_residuals=pair, modules_to_save=["classifier"]))
+        model.train()
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        grads[pair] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        pairs[pair] = getattr(model.base_model, "residual_pairs", None)
+    assert pairs[True] == expected_pairs
+    for n, g in grads[False].items():
+        assert (grads[True][n] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-4), n
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_scoped_pairing_after_discovery_pairs_the_same_sites(family, pixels):
+    """The first training forward finds the residual sites; later forwards watch only them (the mode is entered
+    around each such site) and must pair exactly as many, with the same gradients."""
+    model = get_peft_model(FAMILIES[family](), SSFConfig(init_weights=False, modules_to_save=["classifier"]))
+    model.train()
+    for module in model.modules():  # deterministic forwards: no dropout, no stochastic depth
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    counts, grads = [], []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        counts.append(model.base_model.residual_pairs)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert counts[0] == counts[1] == counts[2] > 0
+    assert torch._C._len_torch_function_stack() == 0  # the scoped mode never stays on the stack
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[2][n], g)
