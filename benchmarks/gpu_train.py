@@ -5,8 +5,8 @@ the script times training steps (forward, backward, AdamW update; CUDA events, a
 ``torch.cuda.max_memory_allocated`` over one step. Every method trains the classifier head. ``floor`` trains only
 the head and one bias in the first block, so backward still runs through every block: no PEFT method can cost less.
 
-    python benchmarks/gpu_train.py --out benchmarks/results                       # everything, batch 64
-    python benchmarks/gpu_train.py --families vit --batches 8 64 --no-compile     # a quick look
+    python -m benchmarks.gpu_train --out benchmarks/results                      # everything, batch 64
+    python -m benchmarks.gpu_train --families vit --batches 8 64 --no-compile    # a quick look
 
 Writes ``gpu_train.json`` and ``gpu_train.md`` to ``--out``. Needs a CUDA device (it refuses to run without one).
 """

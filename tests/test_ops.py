@@ -245,7 +245,8 @@ def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pix
                 if name.endswith("layer_scale_parameter"):
                     with torch.no_grad():
                         param.copy_(gamma * (0.5 + torch.rand_like(param)))
-        model = get_peft_model(base, SSFConfig(init_weights=False, pair_residuals=pair, modules_to_save=["classifier"]))
+        config = SSFConfig(init_weights=False, pair_residuals=pair, modules_to_save=["classifier"])
+        model = get_peft_model(base, config)
         model.train()
         model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
         grads[pair] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
