@@ -460,6 +460,9 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
+        mode = residual.active()
+        if mode is not None:
+            mode.norm_input(x)
         if not self.can_merge:
             return super()._fused_forward(x, adapter, *args, **kwargs)
         scale = self.ssf_scale[adapter].to(base.weight.dtype)

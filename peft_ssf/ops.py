@@ -255,8 +255,9 @@ class FoldSite:
         return self.module._conv_forward(x, w, b)
 
     def input_grad(self, g: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
-        if self.is_linear:
-            return g.matmul(w.to(g.dtype))
+        if self.is_linear:  # as a 2-D product: matmul on a non-contiguous N-D gradient would expand the weight
+            out = g.reshape(-1, g.shape[-1]).mm(w.to(g.dtype))
+            return out.view(*g.shape[:-1], out.shape[-1])
         m = self.module
         conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
         return conv_input[w.dim() - 2](x_shape, w.to(g.dtype), g, m.stride, m.padding, m.dilation, m.groups)

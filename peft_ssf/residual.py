@@ -125,8 +125,10 @@ class ResidualPairing(TorchFunctionMode):
         self.sites = sites
         self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int]] = {}
         self.paired = 0
-        self.paired_sites: set[int] = set()
         self.entered = False  # scoped mode: currently on the torch-function mode stack
+        # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z
+        self.norm_inputs: dict[int, weakref.ref] = {}
+        self.candidates: list[tuple[int, weakref.ref, weakref.ref]] = []
 
     def wants(self, layer: object) -> bool:
         """Whether ``layer``'s output should be tracked this forward."""
@@ -138,6 +140,24 @@ class ResidualPairing(TorchFunctionMode):
         if self.sites is not None and not self.entered:
             self.__enter__()
             self.entered = True
+
+    def norm_input(self, x: torch.Tensor) -> None:
+        """A norm site (which keeps its input for backward) received ``x``: pairing with it costs nothing."""
+        if self.sites is None:
+            self.norm_inputs[id(x)] = weakref.ref(x)
+
+    def _kept_by_a_norm(self, ref: weakref.ref) -> bool:
+        t = ref()
+        known = self.norm_inputs.get(id(t)) if t is not None else None
+        return known is not None and known() is t
+
+    @property
+    def paired_sites(self) -> frozenset[int]:
+        """Sites worth pairing: both tensors they keep instead of their output (the add's operand ``r`` and result
+        ``z``) are inputs of norm sites, which keep them anyway (pre-norm blocks: ViT, Swin, DINOv2, BEiT). Where
+        they are not (ConvNeXt's block input feeds a depthwise conv, which keeps its output), pairing would keep two
+        tensors instead of one, so later forwards leave those sites unpaired."""
+        return frozenset(site for site, r, z in self.candidates if self._kept_by_a_norm(r) and self._kept_by_a_norm(z))
 
     def site_starts(self) -> None:
         """An SSF site begins its forward: leave a scoped mode once nothing is left to pair."""
@@ -172,7 +192,8 @@ class ResidualPairing(TorchFunctionMode):
                         entry[1].pair_with(r, out, entry[2])
                         del self.pending[id(y)]
                         self.paired += 1
-                        self.paired_sites.add(entry[3])
+                        if self.sites is None:
+                            self.candidates.append((entry[3], weakref.ref(r), weakref.ref(out)))
                         break
         elif name in _SHUFFLE_NAMES and out is not args[0]:
             entry = self._entry(args[0])

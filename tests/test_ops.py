@@ -235,7 +235,8 @@ def test_inference_fold_matches_scaling_the_output(make, shape):
 @pytest.mark.parametrize("gamma,expected_pairs", [(None, 0), (0.3, 2)])
 def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pixels):
     """ConvNeXt multiplies pwconv2's output by a frozen layer scale before the residual add: with learned values
-    (not the 1e-6 initial value) the site pairs through it, with the unpaired gradients."""
+    (not the 1e-6 initial value) the site pairs through it, with the unpaired gradients. Later forwards do not pair
+    it: ConvNeXt's residual stream is not kept by a norm, so pairing would keep r and z instead of y."""
     grads, pairs = {}, {}
     for pair in (False, True):
         base = FAMILIES["convnext"]()
@@ -254,6 +255,8 @@ def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pix
     assert pairs[True] == expected_pairs
     for n, g in grads[False].items():
         assert (grads[True][n] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-4), n
+    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+    assert model.base_model.residual_pairs == 0
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
@@ -273,7 +276,10 @@ def test_scoped_pairing_after_discovery_pairs_the_same_sites(family, pixels):
         model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
         counts.append(model.base_model.residual_pairs)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert counts[0] == counts[1] == counts[2] > 0
+    # the discovery forward pairs every site it can; later forwards only those whose r and z norms keep anyway
+    # (Swin's last block of a stage feeds patch merging, whose norm sees a concatenation, not z)
+    assert counts[0] >= counts[1] == counts[2] > 0
+    assert counts[1] == {"vit": 4, "swin": 7}[family]
     assert torch._C._len_torch_function_stack() == 0  # the scoped mode never stays on the stack
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[2][n], g)
