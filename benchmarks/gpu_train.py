@@ -20,7 +20,6 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,69 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_LABELS = 100
-METHODS = ("floor", "lora", "ia3", "ssf", "ssf_unpaired", "ssf_naive")
-FAMILIES = ("vit", "swin", "convnext")
-FLOOR_BIAS = {
-    "vit": "vit.layers.0.layernorm_before.bias",
-    "swin": "swin.encoder.layers.0.blocks.0.layernorm_before.bias",
-    "convnext": "convnext.encoder.stages.0.layers.0.dwconv.bias",
-}
-LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"], "convnext": ["pwconv1", "pwconv2"]}
-IA3_TARGETS = {
-    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "swin": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "convnext": (["dwconv", "pwconv2"], ["pwconv2"]),
-}
-LABELS = {"vit": "ViT-B/16", "swin": "Swin-B", "convnext": "ConvNeXt-B"}
+from . import common as C
 
-
-def build(family: str) -> nn.Module:
-    """A B-size image classifier with random weights (configs as in the SSF paper's backbones)."""
-    from transformers import (
-        ConvNextConfig,
-        ConvNextForImageClassification,
-        SwinConfig,
-        SwinForImageClassification,
-        ViTConfig,
-        ViTForImageClassification,
-    )
-
-    torch.manual_seed(0)
-    if family == "vit":
-        return ViTForImageClassification(ViTConfig(image_size=224, num_labels=NUM_LABELS))
-    if family == "swin":
-        cfg = SwinConfig(image_size=224, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32],
-                         window_size=7, num_labels=NUM_LABELS)
-        return SwinForImageClassification(cfg)
-    cfg = ConvNextConfig(hidden_sizes=[128, 256, 512, 1024], depths=[3, 3, 27, 3], num_labels=NUM_LABELS)
-    return ConvNextForImageClassification(cfg)
-
-
-def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
-    """A trainable copy of ``base`` for ``method``."""
-    from peft import IA3Config, LoraConfig, get_peft_model
-
-    import peft_ssf
-
-    model = copy.deepcopy(base)
-    head = ["classifier"]
-    if method == "floor":
-        model.requires_grad_(False)
-        model.classifier.requires_grad_(True)
-        model.get_parameter(FLOOR_BIAS[family]).requires_grad_(True)
-        return model
-    if method == "lora":
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[family], modules_to_save=head)
-    elif method == "ia3":
-        targets, ff = IA3_TARGETS[family]
-        config = IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
-    else:
-        config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive",
-                                    pair_residuals=method == "ssf")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(model, config)
+#: the comparison (``common.prepare`` builds each one: head trainable for all, floor = head + one bias)
+METHODS = ("floor", "lora", "ia3", "ssf_fused", "ssf_unpaired", "ssf_naive")
+FAMILIES = C.FAMILIES
 
 
 class Step:
@@ -143,17 +84,15 @@ def peak_bytes(step: Step, x: torch.Tensor, y: torch.Tensor) -> tuple[int, int]:
 
 
 def run_family(family: str, args: argparse.Namespace, compiled: bool, batch: int) -> dict[str, Any]:
-    base = build(family)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, 224, 224, generator=g).cuda()
-    y = torch.randint(0, NUM_LABELS, (batch,), generator=g).cuda()
+    base = C.build_model(family)
+    x, y = C.make_batch(batch, 224, "cuda")
     out: dict[str, Any] = {}
     for method in args.methods:
         if compiled and method not in args.compile_methods:
             continue
         t0 = time.perf_counter()
         torch._dynamo.reset()
-        step = Step(prepare(method, base, family), compiled)
+        step = Step(copy.deepcopy(C.prepare(method, base, family)), compiled)  # own weights on the GPU
         times = time_steps(step, x, y, args.warmup, args.steps)
         peak, step_peak = peak_bytes(step, x, y)
         med = statistics.median(times)
@@ -176,7 +115,7 @@ def markdown(payload: dict[str, Any]) -> str:
              f"{payload['date']}). Each cell: step time ratio / step memory ratio to the floor (step memory = "
              "`max_memory_allocated` during one step minus what was allocated before it).", ""]
     for key, runs in payload["runs"].items():
-        lines += [f"**{key}**", "", "| method | " + " | ".join(LABELS[f] for f in runs) + " |",
+        lines += [f"**{key}**", "", "| method | " + " | ".join(C.model_spec(f).label for f in runs) + " |",
                   "|---|" + "---|" * len(runs)]
         methods = [m for m in METHODS if any(m in r for r in runs.values())]
         for m in methods:
@@ -185,7 +124,7 @@ def markdown(payload: dict[str, Any]) -> str:
                 r = rec.get(m)
                 cells.append("-" if r is None else f"{r['ratio_time']:.2f}x / {r['ratio_step_peak']:.2f}x "
                              f"({r['images_per_s']:.0f} img/s)")
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append(f"| {C.METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -199,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--compile-families", nargs="+", default=["vit"], choices=FAMILIES)
-    parser.add_argument("--compile-methods", nargs="+", default=["floor", "lora", "ssf"], choices=METHODS)
+    parser.add_argument("--compile-methods", nargs="+", default=["floor", "lora", "ssf_fused"], choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -35,6 +35,17 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.reshape(shape)
 
 
+def _refuse_higher_order() -> None:
+    """Backward runs with grad enabled only for ``create_graph=True``: the training ops' backward rebuilds values
+    instead of keeping a graph, so their second derivatives would be wrong. Say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "SSF's fused training op does not support higher-order gradients (backward with create_graph=True, "
+            "torch.autograd.grad(..., create_graph=True), double backward): its backward rebuilds values instead "
+            "of keeping the graph. Use SSFConfig(fused=False) for this model."
+        )
+
+
 def _channel_sums(
     g: torch.Tensor, out: Optional[torch.Tensor], dims: list[int]
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -105,12 +116,7 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "SSF's fused training op does not support higher-order gradients (backward with create_graph=True, "
-                "torch.autograd.grad(..., create_graph=True), double backward): its backward rebuilds values "
-                "instead of keeping the graph. Use SSFConfig(fused=False) for this model."
-            )
+        _refuse_higher_order()
         if ctx.kept is not None:
             (scale, shift), act = ctx.saved_tensors, None
         else:
@@ -214,11 +220,7 @@ class _FoldedScaleShift(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "SSF's fused training op does not support higher-order gradients (create_graph=True / double "
-                "backward). Use SSFConfig(fused=False) for this model."
-            )
+        _refuse_higher_order()
         y, weight, kept_w, scale, shift = ctx.saved_tensors
         site = ctx.site
         grad_x = grad_scale = grad_shift = None
@@ -331,11 +333,7 @@ class _FoldedLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "SSF's fused training op does not support higher-order gradients (create_graph=True / double "
-                "backward). Use SSFConfig(fused=False) for this model."
-            )
+        _refuse_higher_order()
         x, mean, rstd, w, b, weight, bias, scale = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:

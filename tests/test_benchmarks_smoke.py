@@ -112,3 +112,14 @@ def test_runs_made_in_parallel_can_be_combined(results: Path, tmp_path: Path) ->
     assert list(combined["runs"]) == ["vit"]
     assert combined["runs"]["vit"]["methods"] == _load(results, "train_cost")["runs"]["vit"]["methods"]
     assert "SSF fused + residual pairing (default)" in (out / "train_cost.md").read_text()
+
+
+def test_gpu_benchmark_refuses_without_cuda(capsys) -> None:
+    import torch
+
+    from benchmarks import gpu_train
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run for minutes")
+    assert gpu_train.main(["--families", "vit"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
