@@ -232,9 +232,9 @@ class Trainer:
         self.device, self.dtype = device, dtype
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-        self._loss = torch.compile(self._eager_loss) if compile else self._eager_loss
+        self._loss = torch.compile(self.eager_loss) if compile else self.eager_loss
 
-    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.dtype == "bf16-model":
             x = x.to(torch.bfloat16)
         with autocast_ctx(self.device, self.dtype):
@@ -846,14 +846,16 @@ def scaling_summary_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def gradient_error(model_a: nn.Module, model_b: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Largest difference between the SSF parameter gradients of two models on one batch, relative to the largest
+def gradient_error(a: Trainer, b: Trainer, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest difference between the SSF parameter gradients of two trainers' models on one batch, in their
+    training precision (autocast, bf16 input for a bf16 model; never compiled), relative to the largest
     gradient of that parameter (floored at 1e-3 of the largest gradient of its kind: the key projections' shift has
     a true gradient of 0, only rounding noise)."""
     grads = []
-    for model in (model_a, model_b):
+    for tr in (a, b):
+        model = tr.model
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(logits_of(model, x).float(), y).backward()
+        tr.eager_loss(x, y).backward()
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
                       if p.grad is not None and ".ssf_" in n})
         model.zero_grad(set_to_none=True)

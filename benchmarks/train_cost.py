@@ -51,7 +51,7 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
                for m, tr in trainers.items()}
     grad_error = None
     if eager and "ssf_unpaired" in trainers and "ssf_fused" in trainers:
-        grad_error = C.gradient_error(trainers["ssf_unpaired"].model, trainers["ssf_fused"].model, x, y)
+        grad_error = C.gradient_error(trainers["ssf_unpaired"], trainers["ssf_fused"], x, y)
         log(f"[{spec.label}] paired vs unpaired SSF gradients: max rel. difference {grad_error:.2e}")
     log(f"[{spec.label}] timing {len(trainers)} methods x ({args.warmup} warm-up + {args.steps}) steps ...")
     jobs = {m: (lambda tr=tr: tr.step(x, y)) for m, tr in trainers.items()}
