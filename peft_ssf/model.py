@@ -268,7 +268,11 @@ class SSFModel(BaseTuner):
             with residual.pairing(known) as mode:
                 yield
             if known is None:
-                self._residual_sites = (key, frozenset(mode.paired_sites))
+                found = mode.take_paired_sites()
+                # a forward that followed no site (saved-tensor hooks active: checkpointing, offloading) finds nothing
+                # about the model: look again in the next one
+                if mode.tracked:
+                    self._residual_sites = (key, found)
             self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
 
     # ----- mixed-batch inference --------------------------------------------------------------------------------

@@ -126,9 +126,11 @@ class ResidualPairing(TorchFunctionMode):
         self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int]] = {}
         self.paired = 0
         self.entered = False  # scoped mode: currently on the torch-function mode stack
-        # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z
+        self.tracked = 0  # site outputs followed in this forward
+        # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z. r and z are
+        # held strongly until ``paired_sites`` is read: saved-tensor hooks may keep other tensor objects than these
         self.norm_inputs: dict[int, weakref.ref] = {}
-        self.candidates: list[tuple[int, weakref.ref, weakref.ref]] = []
+        self.candidates: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
     def wants(self, layer: object) -> bool:
         """Whether ``layer``'s output should be tracked this forward."""
@@ -137,6 +139,7 @@ class ResidualPairing(TorchFunctionMode):
     def track(self, y: torch.Tensor, record: KeptOutput, layer: object = None) -> None:
         """Follow ``y`` (an SSF output whose op keeps ``record``) until it meets a residual add."""
         self.pending[id(y)] = (weakref.ref(y), record, (), id(layer))
+        self.tracked += 1
         if self.sites is not None and not self.entered:
             self.__enter__()
             self.entered = True
@@ -146,18 +149,22 @@ class ResidualPairing(TorchFunctionMode):
         if self.sites is None:
             self.norm_inputs[id(x)] = weakref.ref(x)
 
-    def _kept_by_a_norm(self, ref: weakref.ref) -> bool:
-        t = ref()
-        known = self.norm_inputs.get(id(t)) if t is not None else None
+    def _kept_by_a_norm(self, t: torch.Tensor) -> bool:
+        known = self.norm_inputs.get(id(t))
         return known is not None and known() is t
 
-    @property
-    def paired_sites(self) -> frozenset[int]:
-        """Sites worth pairing: both tensors they keep instead of their output (the add's operand ``r`` and result
+    def take_paired_sites(self) -> frozenset[int]:
+        """After a discovery forward: the sites worth pairing, and the tensors held to find them are released.
+
+        A site is worth pairing when both tensors it keeps instead of its output (the add's operand ``r`` and result
         ``z``) are inputs of norm sites, which keep them anyway (pre-norm blocks: ViT, Swin, DINOv2, BEiT). Where
-        they are not (ConvNeXt's block input feeds a depthwise conv, which keeps its output), pairing would keep two
-        tensors instead of one, so later forwards leave those sites unpaired."""
-        return frozenset(site for site, r, z in self.candidates if self._kept_by_a_norm(r) and self._kept_by_a_norm(z))
+        they are not (ConvNeXt's block input feeds an SSF depthwise-conv site, which keeps its output, not its
+        input), pairing would keep two tensors instead of one, so later forwards leave those sites unpaired."""
+        kept = self._kept_by_a_norm
+        sites = frozenset(site for site, r, z in self.candidates if kept(r) and kept(z))
+        self.candidates.clear()
+        self.norm_inputs.clear()
+        return sites
 
     def site_starts(self) -> None:
         """An SSF site begins its forward: leave a scoped mode once nothing is left to pair."""
@@ -193,7 +200,7 @@ class ResidualPairing(TorchFunctionMode):
                         del self.pending[id(y)]
                         self.paired += 1
                         if self.sites is None:
-                            self.candidates.append((entry[3], weakref.ref(r), weakref.ref(out)))
+                            self.candidates.append((entry[3], r, out))
                         break
         elif name in _SHUFFLE_NAMES and out is not args[0]:
             entry = self._entry(args[0])
@@ -293,7 +300,7 @@ def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]
 
     Args:
         sites: ids of the SSF layers whose output fed a residual add in an earlier forward of this model (the mode
-            is then entered only around them); None watches the whole forward to find them (``paired_sites``).
+            is then entered only around them); None watches the whole forward to find them (``take_paired_sites``).
     """
     outer = getattr(_LOCAL, "mode", None)
     if outer is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both

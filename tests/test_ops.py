@@ -283,3 +283,25 @@ def test_scoped_pairing_after_discovery_pairs_the_same_sites(family, pixels):
     assert torch._C._len_torch_function_stack() == 0  # the scoped mode never stays on the stack
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[2][n], g)
+
+
+@pytest.mark.parametrize("first_forward", ["save_on_cpu", "observing_hooks_keeping_detached_copies"])
+def test_discovery_is_not_spoiled_by_saved_tensor_hooks(first_forward, pixels):
+    """The first training forward finds the residual sites once for all later forwards. Under hooks that switch
+    pairing off (offloading) it follows no site and must not record 'no sites'; under observing hooks that keep
+    other tensor objects than the forward's (detached copies) it must still find them."""
+    model = get_peft_model(FAMILIES["vit"](), SSFConfig(init_weights=False, modules_to_save=["classifier"]))
+    model.train()
+    labels = torch.tensor([0, 1, 2, 3])
+    if first_forward == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            model(pixel_values=pixels, labels=labels).loss.backward()
+        assert model.base_model.residual_pairs == 0
+    else:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t), \
+                residual.hooks_only_observe():
+            loss = model(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        assert model.base_model.residual_pairs == 4
+    model(pixel_values=pixels, labels=labels).loss.backward()
+    assert model.base_model.residual_pairs == 4  # attention output and fc2 of both blocks
