@@ -147,18 +147,22 @@ def update_peaks(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Merge the ``train_cost.json`` of runs made separately (e.g. one model per process, in parallel) into ``out``.
+    """Merge the results of runs made separately (e.g. one model per process) into ``out``.
 
-    The runs must share batch, image size, device, dtype and methods; each model keeps its own measurement date.
+    Each directory holds one training-cost results file (``train_cost*.json``). The runs must share batch, image
+    size, device, precision and compilation; each model keeps its own measurement date and method list (a method a
+    run did not measure shows as ``-``).
     """
-    payloads = [json.loads((d / "train_cost.json").read_text()) for d in dirs]
-    keys = ("batch", "image_size", "device", "dtype", "methods")
+    payloads = [json.loads(_results_file(d).read_text()) for d in dirs]
+    keys = ("batch", "image_size", "device", "dtype", "compile")
     first = payloads[0]
     for other, d in zip(payloads[1:], dirs[1:]):
         diff = [k for k in keys if other["config"].get(k) != first["config"].get(k)]
         if diff:
             raise SystemExit(f"cannot combine {d}: its {', '.join(diff)} differ from {dirs[0]}'s")
-    merged = {"meta": first["meta"], "config": first["config"], "runs": {}}
+    measured = {m for p in payloads for m in p["config"]["methods"]}
+    config = {**first["config"], "methods": [m for m in C.METHODS if m in measured]}
+    merged = {"meta": first["meta"], "config": config, "runs": {}}
     for payload in payloads:
         for family, run in payload["runs"].items():
             run.setdefault("meta", payload["meta"])
@@ -167,6 +171,14 @@ def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
     merged["runs"] = {f: merged["runs"][f] for f in order}
     write_payload(out, merged)
     return merged
+
+
+def _results_file(directory: Path) -> Path:
+    """The one ``train_cost*.json`` in ``directory`` (an error naming the directory otherwise)."""
+    found = sorted(directory.glob("train_cost*.json"))
+    if len(found) != 1:
+        raise SystemExit(f"{directory}: expected one train_cost*.json results file, found {len(found)}")
+    return found[0]
 
 
 def write_payload(out: Path, payload: dict[str, Any]) -> None:
