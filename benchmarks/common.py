@@ -745,7 +745,9 @@ def _train_target_rows(out_dir: Path) -> list[tuple[str, str, Optional[bool]]]:
         data = _load(out_dir, name)
         if not data:
             continue
-        mode = mode_label(data["config"])
+        cfg = data["config"]
+        mode = mode_label(cfg) + ("" if (cfg["batch"], cfg["image_size"]) == (8, 224) else
+                                  f", batch {cfg['batch']} @{cfg['image_size']}")
         for family, run in data["runs"].items():
             fused, lora = run["methods"].get("ssf_fused"), run["methods"].get("lora")
             if (families and family not in families) or not fused or fused.get(key) is None:
@@ -779,8 +781,8 @@ def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
         rows.append((f"{r['model']}: merge_and_unload < 1 s", f"{r['median_s']:.3f} s", r["median_s"] < 1.0))
     if not rows:
         return None
-    lines = ["**Targets** (CPU numbers below unless a row says cuda; batch 8 @224 unless its results file says "
-             "otherwise; timing ratios carry the noise of a shared machine)\n",
+    lines = ["**Targets** (CPU numbers below unless a row says cuda; batch 8 @224 unless a row says otherwise; "
+             "timing ratios carry the noise of a shared machine)\n",
              "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else 'no'} |" for name, value, ok in rows]
     return "\n".join(lines)
