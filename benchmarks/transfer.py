@@ -65,17 +65,22 @@ from torch import nn  # noqa: E402
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
-#: learning-rate grid per method (the head and the adapter share one rate)
+#: initial learning-rate grid per method (the head and the adapter share one rate), on the half-decade LADDER; a grid
+#: whose best rate is at an edge is widened by the next ladder value beyond that edge until it is not (see run_suite)
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "ssf": (3e-3, 1e-2, 3e-2),
-    "ssf_paper_init": (3e-3, 1e-2, 3e-2),
-    "lora": (1e-3, 3e-3, 1e-2),
-    "ia3": (3e-3, 1e-2, 3e-2),
-    "ln_tuning": (3e-3, 1e-2, 3e-2),
-    "bitfit": (3e-3, 1e-2, 3e-2),
-    "head": (3e-3, 1e-2, 3e-2),
-    "full": (1e-4, 3e-4, 1e-3),
+    "ssf": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "ssf_paper_init": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "lora": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "ia3": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "ln_tuning": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "bitfit": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "head": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "full": (3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
 }
+LADDER: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
+LR_BOUNDS = (1e-6, 1.0)  # widening never goes beyond these
+DEFAULT_EPOCHS = 30
+N_CURVE_POINTS = 10  # validation accuracy is recorded at about this many epochs of every run
 DEFAULT_METHODS = ("ssf", "ssf_paper_init", "lora", "ia3", "ln_tuning", "head", "full")
 METHOD_LABELS = {
     "ssf": "SSF (identity init)",
@@ -292,18 +297,26 @@ def evaluate(fn: Any, x: torch.Tensor, y: torch.Tensor, bs: int = 512) -> tuple[
     return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
 
 
-def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, job: Job, protocol: Protocol
-               ) -> tuple[float, int]:
-    """The shared recipe; ``forward(xb)`` returns logits. Returns (mean train loss of the last epoch, steps)."""
+def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, job: Job, protocol: Protocol,
+               curve: list | None = None, curve_data: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[float, int, tuple[float, float]]:
+    """The shared recipe; ``forward(xb)`` returns logits.
+
+    With ``curve`` (a list) and ``curve_data`` (validation x, y), appends ``[epoch, validation accuracy]`` at about
+    ``N_CURVE_POINTS`` evenly spaced epochs, the last one included. Returns (mean train loss of the last epoch,
+    steps, (wall, CPU) seconds spent on those evaluations, which callers subtract from the training time).
+    """
     opt = torch.optim.AdamW(param_groups(model), lr=job.lr, betas=(0.9, 0.999))
     steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
     total = protocol.epochs * steps_per_epoch
     sched = warmup_cosine(opt, total)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(job.seed)
+    every = max(1, round(protocol.epochs / N_CURVE_POINTS))
+    eval_wall = eval_cpu = 0.0
     model.train()
     last = 0.0
-    for _ in range(protocol.epochs):
+    for epoch in range(protocol.epochs):
         running = 0.0
         for idx in torch.randperm(len(x), generator=gen).split(protocol.batch_size):
             loss = F.cross_entropy(forward(x[idx]), y[idx])
@@ -314,8 +327,14 @@ def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor,
             sched.step()
             running += float(loss)
         last = running / steps_per_epoch
+        if curve is not None and curve_data is not None and ((epoch + 1) % every == 0 or epoch + 1 == protocol.epochs):
+            t0, c0 = time.perf_counter(), time.process_time()
+            model.eval()
+            curve.append([epoch + 1, round(evaluate(forward, *curve_data)[0], 4)])
+            model.train()
+            eval_wall, eval_cpu = eval_wall + time.perf_counter() - t0, eval_cpu + time.process_time() - c0
     model.eval()
-    return last, total
+    return last, total, (eval_wall, eval_cpu)
 
 
 def head_features(model: nn.Module, task: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -346,22 +365,25 @@ def run_job(job: Job) -> dict[str, Any]:
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data["train"], data["validation"], data["test"]
     model = build_model(job.method, Path(protocol.backbone), _WORKER["num_labels"][job.task], job.seed)
     trainable, head_params = count_trainable(model)
+    curve: list[list[float]] = []
     t0, c0 = time.perf_counter(), time.process_time()
     if job.method == "head":  # frozen backbone without dropout: train the head on its features, computed once
         feats, feat_seconds = head_features(model, job.task, data)
         head = model.classifier
         t0, c0 = time.perf_counter(), time.process_time()
-        train_loss, steps = train_loop(head, head, feats["train"], y_tr, job, protocol)
-        seconds = feat_seconds[0] + time.perf_counter() - t0  # charge the train split's feature pass to every run
-        cpu_seconds = feat_seconds[1] + time.process_time() - c0
+        train_loss, steps, ev = train_loop(head, head, feats["train"], y_tr, job, protocol, curve,
+                                           (feats["validation"], y_va))
+        # charge the train split's feature pass to every run
+        seconds = feat_seconds[0] + time.perf_counter() - t0 - ev[0]
+        cpu_seconds = feat_seconds[1] + time.process_time() - c0 - ev[1]
         val_acc, val_loss = evaluate(head, feats["validation"], y_va)
         test_acc, _ = evaluate(head, feats["test"], y_te)
     else:
         def logits(xb: torch.Tensor) -> torch.Tensor:
             return model(pixel_values=xb).logits
 
-        train_loss, steps = train_loop(model, logits, x_tr, y_tr, job, protocol)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        train_loss, steps, ev = train_loop(model, logits, x_tr, y_tr, job, protocol, curve, (x_va, y_va))
+        seconds, cpu_seconds = time.perf_counter() - t0 - ev[0], time.process_time() - c0 - ev[1]
         val_acc, val_loss = evaluate(logits, x_va, y_va)
         test_acc, _ = evaluate(logits, x_te, y_te)
     return {
@@ -369,6 +391,7 @@ def run_job(job: Job) -> dict[str, Any]:
         "val_acc": round(val_acc, 4), "test_acc": round(test_acc, 4), "train_seconds": round(seconds, 2),
         "train_cpu_seconds": round(cpu_seconds, 2), "lr": job.lr, "head_params": head_params,
         "val_loss": round(val_loss, 4), "train_loss": round(train_loss, 4), "steps": steps, "n_train": len(y_tr),
+        "val_curve": curve,
     }
 
 
@@ -380,6 +403,17 @@ def run_job(job: Job) -> dict[str, Any]:
 def select_lr(runs: Iterable[dict[str, Any]]) -> float:
     """Best final validation accuracy; ties -> lower validation loss, then the smaller learning rate."""
     return min(runs, key=lambda r: (-r["val_acc"], r["val_loss"], r["lr"]))["lr"]
+
+
+def widen_grid(grid: Sequence[float], selected: float) -> float | None:
+    """The next LADDER rate beyond the edge of ``grid`` that ``selected`` sits on; None if interior or at a bound."""
+    if selected == min(grid):
+        below = [v for v in LADDER if v < selected * 0.99 and v >= LR_BOUNDS[0]]
+        return max(below) if below else None
+    if selected == max(grid):
+        above = [v for v in LADDER if v > selected * 1.01 and v <= LR_BOUNDS[1]]
+        return min(above) if above else None
+    return None
 
 
 def _load_log(path: Path | None, protocol: Protocol, tasks: Sequence[str]) -> dict[tuple, dict[str, Any]]:
@@ -401,9 +435,10 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
     Returns (records of the selected rate for every seed, the selection per task/method, every run).
     """
     done = _load_log(args.runs_log, protocol, args.tasks)
-    grids = {m: (LR_GRID[m][1],) if args.smoke else LR_GRID[m] for m in args.methods}
+    grids = {m: (LR_GRID[m][len(LR_GRID[m]) // 2],) if args.smoke else LR_GRID[m] for m in args.methods}
     if args.lrs:
         grids = {m: tuple(args.lrs) for m in args.methods}
+    widen = not args.smoke and not args.no_widen
     runs: dict[Job, dict[str, Any]] = {}
     selection: dict[str, dict[str, Any]] = {}
     pending_grid = {(t, m): {Job(t, m, lr, args.seeds[0]) for lr in grids[m]}
@@ -424,13 +459,22 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
               f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)
 
     def followups(job: Job) -> list[Job]:
+        nonlocal n_total
         group = pending_grid.get((job.task, job.method))
         if group is None or not all(j in runs for j in group):
             return []
-        del pending_grid[(job.task, job.method)]
         lr = select_lr(runs[j] for j in group)
+        if widen and len(group) > 1:
+            extra = widen_grid(sorted(j.lr for j in group), lr)
+            if extra is not None:  # best rate at an edge: add the next ladder value beyond it and wait for it
+                new = Job(job.task, job.method, extra, args.seeds[0])
+                group.add(new)
+                n_total += 1
+                return [new]
+        del pending_grid[(job.task, job.method)]
         selection[f"{job.task}/{job.method}"] = {
             "task": job.task, "method": job.method, "selected_lr": lr,
+            "initial_grid": [f"{v:g}" for v in grids[job.method]],
             "grid": {f"{j.lr:g}": {"val_acc": runs[j]["val_acc"], "val_loss": runs[j]["val_loss"]}
                      for j in sorted(group, key=lambda j: j.lr)},
         }
@@ -639,7 +683,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, choices=list(LR_GRID))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="the first one runs the LR grid")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="override every method's grid (exploration)")
-    p.add_argument("--epochs", type=int, default=None, help="default 5 (smoke: 1)")
+    p.add_argument("--no-widen", action="store_true", help="do not widen a grid whose best rate is at an edge")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS} (smoke: 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated task data")
@@ -656,7 +701,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.tasks = args.tasks or (["counting"] if smoke else list(TARGET_TASKS))
     args.methods = args.methods or list(DEFAULT_METHODS)
     args.seeds = args.seeds or ([0] if smoke else [0, 1, 2])
-    args.epochs = args.epochs or (1 if smoke else 5)
+    args.epochs = args.epochs or (1 if smoke else DEFAULT_EPOCHS)
     args.workers = args.workers or (1 if smoke else 2)
     return args
 

@@ -48,11 +48,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--head-epochs", type=int, default=100, help="linear-head epochs on cached features")
-    p.add_argument("--head-lr", type=float, default=1e-2)
+    p.add_argument("--head-lr", type=float, default=1e-2, help="the new head's rate in full fine-tuning")
+    p.add_argument("--head-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
+                   help="linear-probe rates; the best on validation is reported")
     p.add_argument("--full-epochs", type=int, default=15)
     p.add_argument("--full-lr", type=float, default=3e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--scratch-full", action="store_true", help="also fully train a randomly initialised ViT")
+    p.add_argument("--no-full", action="store_true", help="linear probes only (compare backbones cheaply)")
+    p.add_argument("--no-random", action="store_true", help="skip the probe of a randomly initialised ViT")
     p.add_argument("--json", type=Path, default=None, help="write all results here")
     return p.parse_args(argv)
 
@@ -88,10 +92,17 @@ def cosine(opt: torch.optim.Optimizer, total: int, warmup: float = 0.0) -> torch
 
 def train_head(feats: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], num_labels: int,
                args: argparse.Namespace) -> dict[str, float]:
+    """Linear probes on cached features at every ``--head-lrs`` rate; accuracy per split of the best on validation."""
+    runs = [_train_head(feats, ys, num_labels, args, lr) for lr in args.head_lrs]
+    return max(runs, key=lambda r: r["validation"])
+
+
+def _train_head(feats: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], num_labels: int,
+                args: argparse.Namespace, lr: float) -> dict[str, float]:
     """Train a linear classifier on cached features with AdamW; returns accuracy per split."""
     torch.manual_seed(args.seed)
     head = torch.nn.Linear(feats["train"].shape[1], num_labels)
-    opt = torch.optim.AdamW(head.parameters(), lr=args.head_lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     n = len(ys["train"])
     steps = args.head_epochs * math.ceil(n / args.batch_size)
     sched = cosine(opt, steps)
@@ -104,7 +115,8 @@ def train_head(feats: dict[str, torch.Tensor], ys: dict[str, torch.Tensor], num_
             opt.step()
             sched.step()
     with torch.no_grad():
-        return {s: float((head(feats[s]).argmax(-1) == ys[s]).float().mean()) for s in ("validation", "test")}
+        acc = {s: float((head(feats[s]).argmax(-1) == ys[s]).float().mean()) for s in ("validation", "test")}
+    return {**acc, "lr": lr}
 
 
 def train_full(model: ViTForImageClassification, xs: dict[str, torch.Tensor], ys: dict[str, torch.Tensor],
@@ -148,11 +160,11 @@ def main(argv: list[str] | None = None) -> dict:
         xs = {s: to_input(a.images) for s, a in data.items()}
         ys = {s: torch.from_numpy(a.labels) for s, a in data.items()}
         res: dict[str, dict[str, float]] = {}
-        for pretrained in (False, True):
+        for pretrained in (True,) if args.no_random else (False, True):
             model = load_model(args.backbone, spec.num_classes, pretrained, args.seed)
             feats = {s: cls_features(model, x) for s, x in xs.items()}
             res[f"head({'pretrained' if pretrained else 'random'})"] = train_head(feats, ys, spec.num_classes, args)
-        for pretrained in (True, False) if args.scratch_full else (True,):
+        for pretrained in () if args.no_full else (True, False) if args.scratch_full else (True,):
             model = load_model(args.backbone, spec.num_classes, pretrained, args.seed)
             res[f"full({'pretrained' if pretrained else 'random'})"] = train_full(model, xs, ys, args)
         results[task] = res
@@ -161,9 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"[{time.time() - t0:.0f}s]", flush=True)
 
     cols = list(next(iter(results.values())))
-    print("\nvalidation accuracy\n| task | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols))
-    for task, res in results.items():
-        print(f"| {task} | " + " | ".join(f"{res[c]['validation']:.3f}" for c in cols) + " |")
+    for split in ("validation", "test"):
+        print(f"\n{split} accuracy\n| task | chance | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+        for task, res in results.items():
+            print(f"| {task} | {1 / TASKS[task].num_classes:.3f} | "
+                  + " | ".join(f"{res[c][split]:.3f}" for c in cols) + " |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results},
                                         indent=1) + "\n")

@@ -59,7 +59,9 @@ def test_json_schema(smoke: tuple[Path, dict[str, Any]]) -> None:
             assert isinstance(rec[key], typ), (key, rec)
         assert 0.0 <= rec["val_acc"] <= 1.0 and 0.0 <= rec["test_acc"] <= 1.0
         assert rec["train_seconds"] >= 0 and rec["trainable_params"] > 0
-        assert rec["lr"] == transfer.LR_GRID[rec["method"]][1]  # smoke: the middle of each grid
+        grid = transfer.LR_GRID[rec["method"]]
+        assert rec["lr"] == grid[len(grid) // 2]  # smoke: the middle of each grid
+        assert rec["val_curve"] and rec["val_curve"][-1] == [1, rec["val_acc"]]  # one epoch: one point, the final
         sel = data["lr_selection"][f"counting/{rec['method']}"]
         assert sel["selected_lr"] == rec["lr"] and len(sel["grid"]) == 1
 
@@ -100,6 +102,16 @@ def test_summary_statistics() -> None:
     assert s["per_task"]["a"] == pytest.approx((0.6, 0.1414213), abs=1e-6)
     assert s["average"] == pytest.approx((0.7, 0.1414213), abs=1e-6)
     assert s["adapter_params"] == 6
+
+
+def test_widen_grid() -> None:
+    """An edge-selected rate adds the next half-decade rate beyond that edge; an interior one adds nothing."""
+    assert transfer.widen_grid([1e-3, 3e-3, 1e-2], 1e-2) == 3e-2
+    assert transfer.widen_grid([1e-3, 3e-3, 1e-2], 1e-3) == 3e-4
+    assert transfer.widen_grid([1e-3, 3e-3, 1e-2], 3e-3) is None
+    assert transfer.widen_grid([0.3, 1.0], 1.0) is None  # at the upper bound
+    for grid in transfer.LR_GRID.values():
+        assert all(lr in transfer.LADDER for lr in grid) and list(grid) == sorted(grid)
 
 
 def test_select_lr_ties() -> None:
