@@ -359,7 +359,12 @@ def head_features(model: nn.Module, task: str, data: dict[str, tuple[torch.Tenso
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train one (task, method, lr, seed) and evaluate the final model on validation and test."""
+    """Train one (task, method, lr, seed) and evaluate the final model on validation and test: the run's record."""
+    return train_job(job)[1]
+
+
+def train_job(job: Job) -> tuple[nn.Module, dict[str, Any]]:
+    """Like :func:`run_job`, and also returns the trained model (in a worker set up by :func:`init_worker`)."""
     protocol: Protocol = _WORKER["protocol"]
     data = _WORKER["data"][job.task]
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data["train"], data["validation"], data["test"]
@@ -386,7 +391,7 @@ def run_job(job: Job) -> dict[str, Any]:
         seconds, cpu_seconds = time.perf_counter() - t0 - ev[0], time.process_time() - c0 - ev[1]
         val_acc, val_loss = evaluate(logits, x_va, y_va)
         test_acc, _ = evaluate(logits, x_te, y_te)
-    return {
+    return model, {
         "task": job.task, "method": job.method, "seed": job.seed, "trainable_params": trainable,
         "val_acc": round(val_acc, 4), "test_acc": round(test_acc, 4), "train_seconds": round(seconds, 2),
         "train_cpu_seconds": round(cpu_seconds, 2), "lr": job.lr, "head_params": head_params,
@@ -610,12 +615,85 @@ def render_markdown(data: dict[str, Any]) -> str:
     grid_edge = [k for k, v in sel.items() if len(v["grid"]) > 1 and v["selected_lr"] in
                  (min(map(float, v["grid"])), max(map(float, v["grid"])))]
     lines += ["", f"Selected rate at an edge of its grid: {len(grid_edge)} of {len(sel)} (task, method) pairs"
-              + (f" ({', '.join(sorted(grid_edge))})." if grid_edge else "."),
-              "", f"Runs: {meta['n_runs']} ({meta['workers']} worker processes x {meta['threads']} thread), "
+              + (f" ({', '.join(sorted(grid_edge))})." if grid_edge else "."), ""]
+    lines += render_grids(data, list(summary)) + render_checks(data, summary) + render_convergence(data, list(summary))
+    lines += [f"Runs: {meta['n_runs']} ({meta['workers']} worker processes x {meta['threads']} thread), "
               f"wall time {meta['wall_seconds'] / 60:.1f} min on {meta['cpu']} (training CPU time of all runs: "
               f"{meta.get('train_cpu_seconds_total', math.nan) / 60:.1f} min); {meta['date']}, "
               f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}."]
     return "\n".join(lines) + "\n"
+
+
+def render_grids(data: dict[str, Any], methods: list[str]) -> list[str]:
+    """Each (task, method)'s final grid (lowest .. highest rate tried), selected rate and how often it was widened."""
+    tasks, sel = data["meta"]["tasks"], data.get("lr_selection", {})
+    initial = data["meta"]["protocol"].get("lr_grid", {})
+    lines = ["Learning-rate grids: selected rate [lowest .. highest rate tried] (+n: values added beyond the initial "
+             "grid because the best rate sat on its edge). Initial grids: "
+             + "; ".join(f"{METHOD_LABELS.get(m, m)} {', '.join(f'{float(v):g}' for v in initial[m])}"
+                         for m in methods if m in initial) + ".", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for method in methods:
+        cells = []
+        for t in tasks:
+            v = sel.get(f"{t}/{method}")
+            if v is None:
+                cells.append("-")
+                continue
+            grid = sorted(map(float, v["grid"]))
+            added = len(grid) - len(v.get("initial_grid", grid))
+            cells.append(f"{v['selected_lr']:g} [{grid[0]:g} .. {grid[-1]:g}]" + (f" +{added}" if added else ""))
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_checks(data: dict[str, Any], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Per task: chance, full fine-tuning minus head only (test, mean over seeds), and the weakest method."""
+    tasks, num_labels = data["meta"]["tasks"], data["meta"].get("num_labels", {})
+    if "full" not in summary or "head" not in summary:
+        return []
+    lines = ["Does each task discriminate? Full fine-tuning minus head only (test accuracy, points), and the weakest "
+             "method against chance:", "", "| task | chance | full - head | weakest method (test) |",
+             "|---|---|---|---|"]
+    for t in tasks:
+        if t not in summary["full"]["per_task"] or t not in summary["head"]["per_task"]:
+            continue
+        gap = 100 * (summary["full"]["per_task"][t][0] - summary["head"]["per_task"][t][0])
+        weakest = min((s["per_task"][t][0], m) for m, s in summary.items() if t in s["per_task"])
+        chance = 100 / num_labels[t] if t in num_labels else math.nan
+        lines.append(f"| {t} | {chance:.1f} | {gap:+.1f} | {METHOD_LABELS.get(weakest[1], weakest[1])} "
+                     f"{100 * weakest[0]:.1f} |")
+    return lines + [""]
+
+
+def render_convergence(data: dict[str, Any], methods: list[str]) -> list[str]:
+    """How much the selected seed-0 runs still gained over the last third of training (validation accuracy)."""
+    tasks, sel = data["meta"]["tasks"], data.get("lr_selection", {})
+    runs = {(r["task"], r["method"], r["lr"], r["seed"]): r for r in data.get("all_runs", [])}
+    seed0 = data["meta"]["seeds"][0]
+    rows = []
+    for method in methods:
+        gains, drops = [], []
+        for t in tasks:
+            v = sel.get(f"{t}/{method}")
+            rec = runs.get((t, method, v["selected_lr"], seed0)) if v else None
+            curve = rec.get("val_curve") if rec else None
+            if not curve or len(curve) < 3:
+                continue
+            final_epoch, final = curve[-1]
+            earlier = [acc for epoch, acc in curve if epoch <= round(2 * final_epoch / 3)]
+            if earlier:
+                gains.append(100 * (final - earlier[-1]))
+            drops.append(100 * (max(acc for _, acc in curve) - final))
+        if gains:
+            rows.append(f"| {METHOD_LABELS.get(method, method)} | {statistics.fmean(gains):+.1f} | {max(gains):+.1f} "
+                        f"| {max(drops):.1f} |")
+    if not rows:
+        return []
+    return ["Convergence of the selected runs (seed 0, validation accuracy in points): gain from 2/3 of the epochs to "
+            "the end (mean over tasks, largest), and the largest drop from the curve's best point to the end:", "",
+            "| method | gain, last third (mean) | (largest) | best - final (largest) |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def render_plot(data: dict[str, Any], path: Path) -> None:
@@ -744,7 +822,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "protocol": {"optimizer": "AdamW(0.9, 0.999)", "weight_decay": f"{WEIGHT_DECAY} on weight matrices only",
                      "schedule": f"linear warm-up {WARMUP_FRAC:.0%} of steps, then cosine to 0",
                      "grad_clip": CLIP_NORM, "augmentation": "none", "selection": "seed-0 grid, best final val acc",
-                     "lr_grid": {m: list(LR_GRID[m]) for m in args.methods}},
+                     "lr_grid": {m: list(args.lrs or LR_GRID[m]) for m in args.methods},
+                     "lr_widening": "off" if args.no_widen or args.smoke else
+                     f"an edge-selected rate adds the next half-decade rate beyond it, within {LR_BOUNDS}"},
         "smoke": args.smoke, "tasks": args.tasks, "num_labels": num_labels, "methods": args.methods,
         "seeds": args.seeds,
         "epochs": args.epochs, "batch_size": args.batch_size, "per_class_sizes": sizes,
