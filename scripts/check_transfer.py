@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", nargs="+", default=list(TARGET_TASKS), choices=list(TASKS))
     p.add_argument("--seed", type=int, default=0, help="data and initialisation seed")
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--head-epochs", type=int, default=100, help="linear-head epochs on cached features")
     p.add_argument("--head-lr", type=float, default=1e-2, help="the new head's rate in full fine-tuning")
     p.add_argument("--head-lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2],
