@@ -1,6 +1,7 @@
 # Every target works on a fresh clone: the venv is created (or refreshed when pyproject.toml changes) on demand.
 #   make test                      the test suite CI runs (our tests + PEFT's generic tuner suite against SSF)
 #   make demo                      the end-to-end SSF story, offline on CPU
+#   make docs                      refresh README.md's generated tables from benchmarks/results/ and the demo run
 #   make test VENV=.venv-min CONSTRAINTS=.ci/constraints-min.txt   the same tests at the lowest supported versions
 PY ?= python3
 VENV ?= .venv
@@ -10,7 +11,7 @@ BIN = $(VENV)/bin
 STAMP = $(VENV)/.installed
 PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 
-.PHONY: install test test-own test-peft lint demo clean
+.PHONY: install test test-own test-peft lint demo docs clean
 
 $(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,8 +32,20 @@ test-peft: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-demo: $(STAMP)
+# `make demo` as a first command installs only what the demo needs (peft-ssf[demo]), with its own stamp
+DEMO_STAMP = $(VENV)/.installed-demo
+$(DEMO_STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[demo]"
+	@touch $@
+
+demo: $(DEMO_STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/peft-ssf demo --overwrite
+
+# the only command that rewrites README.md's generated blocks (from benchmarks/results/ and the last full demo run)
+docs: $(STAMP)
+	$(BIN)/python -m benchmarks.docs $(if $(wildcard ssf-demo-output/results.json),--demo ssf-demo-output,)
 
 clean:
 	rm -rf $(VENV) .venv-min build *.egg-info .pytest_cache ssf-demo-output .peft-suite

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: models, methods, measurements, results files and the README section.
+"""Shared pieces of the benchmark scripts: models, methods, measurements, results files and their Markdown.
 
 Every script builds its models from configs (no download), runs everything in ONE process, interleaves the methods
 step by step (so background load hits all of them alike) and reports medians after warm-up and ratios to a
@@ -49,9 +49,12 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import peft_ssf  # noqa: E402
 from peft_ssf import residual  # noqa: E402
+from peft_ssf.engine.methods import METHODS as ENGINE_METHODS  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 FAMILIES = ("vit", "swin", "convnext")
+#: every model train_cost.py knows: FAMILIES plus ConvNeXt-B with a learned-size layer scale
+ALL_FAMILIES = (*FAMILIES, "convnext_ls")
 METHODS = ("floor", "full", "lora", "ia3", "ln_tuning", "ssf_naive", "ssf_unpaired", "ssf_fused")
 #: the three SSF variants: ``SSFConfig(fused=False)``, ``SSFConfig(pair_residuals=False)``, the default
 SSF_VARIANTS = ("ssf_naive", "ssf_unpaired", "ssf_fused")
@@ -101,26 +104,23 @@ _SPECS: dict[tuple[str, str], ModelSpec] = {
     ),
 }
 
+#: ConvNeXt with a learned-size layer scale instead of the 1e-6 it is initialised with (pretrained ConvNeXt layer
+#: scales are learned values; no pretrained weights are downloaded here, so 0.1 stands in for them)
+_SPECS[("convnext_ls", "base")] = ModelSpec(
+    "convnext", "ConvNeXt-B (layer scale 0.1)", T.ConvNextForImageClassification, T.ConvNextConfig,
+    {**_SPECS[("convnext", "base")].kwargs, "layer_scale_init_value": 0.1},
+)
+_SPECS[("convnext_ls", "tiny")] = ModelSpec(
+    "convnext", "ConvNeXt-tiny (layer scale 0.1)", T.ConvNextForImageClassification, T.ConvNextConfig,
+    {**_SPECS[("convnext", "tiny")].kwargs, "layer_scale_init_value": 0.1},
+)
+
 #: the bias left trainable in the floor: the first op of the first block, so backward runs through every block
 FLOOR_BIAS = {
     "vit": r"vit\.layers\.0\.layernorm_before\.bias",
     "swin": r"swin\.encoder\.layers\.0\.blocks\.0\.layernorm_before\.bias",
     "convnext": r"convnext\.encoder\.stages\.0\.layers\.0\.dwconv\.bias",
 }
-
-#: comparison methods' targets per family (PEFT name-suffix matching)
-LORA_TARGETS = {"vit": ["q_proj", "v_proj"], "swin": ["q_proj", "v_proj"], "convnext": ["pwconv1", "pwconv2"]}
-IA3_TARGETS = {
-    "vit": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "swin": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    "convnext": (["dwconv", "pwconv2"], ["pwconv2"]),
-}
-LN_TARGETS = {
-    "vit": ["layernorm_before", "layernorm_after", "layernorm"],
-    "swin": ["layernorm_before", "layernorm_after", "norm", "layernorm"],
-    "convnext": ["layernorm"],
-}
-
 
 def model_spec(family: str, quick: bool = False) -> ModelSpec:
     """The B-size spec of ``family`` (or the tiny test-size one with ``quick``)."""
@@ -167,14 +167,16 @@ def _quiet_peft(fn: Callable[[], nn.Module]) -> nn.Module:
 
 def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
     """A trainable copy of ``base`` for ``method`` (see ``METHODS``); the base model is left untouched."""
-    from peft import IA3Config, LNTuningConfig, LoraConfig, get_peft_model
+    from peft import get_peft_model
+
+    from peft_ssf.engine.methods import peft_config
 
     head = ["classifier"]
     if method == "full":
         model = copy.deepcopy(base).requires_grad_(True)
     elif method == "floor":
         model = share_weights(base).requires_grad_(False)
-        pattern = re.compile(FLOOR_BIAS[family])
+        pattern = re.compile(FLOOR_BIAS[model_spec(family).family])
         for name, module in model.named_modules():
             for pname, param in list(module.named_parameters(recurse=False)):
                 full = f"{name}.{pname}" if name else pname
@@ -182,21 +184,14 @@ def prepare(method: str, base: nn.Module, family: str) -> nn.Module:
                     setattr(module, pname, nn.Parameter(param.detach().clone(), requires_grad=True))
         if sum(p.requires_grad for p in model.parameters()) != 3:
             raise RuntimeError(f"floor: expected classifier weight/bias + one bias trainable in {family}")
-    else:
+    elif method in METHODS:
+        variant = {"ssf_naive": {"fused": False}, "ssf_unpaired": {"pair_residuals": False}}.get(method, {})
+        engine_method = "ssf" if method in SSF_VARIANTS else method
+        config = peft_config(engine_method, model_spec(family).family, head[0], **variant)
         shared = share_weights(base)
-        if method == "lora":
-            config = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS[family], modules_to_save=head)
-        elif method == "ia3":
-            targets, ff = IA3_TARGETS[family]
-            config = IA3Config(target_modules=targets, feedforward_modules=ff, modules_to_save=head)
-        elif method == "ln_tuning":
-            config = LNTuningConfig(target_modules=LN_TARGETS[family], modules_to_save=head)
-        elif method in SSF_VARIANTS:
-            config = peft_ssf.SSFConfig(modules_to_save=head, fused=method != "ssf_naive",
-                                        pair_residuals=method == "ssf_fused")
-        else:
-            raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
         model = _quiet_peft(lambda: get_peft_model(shared, config))
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     return model.train()
 
 
@@ -210,10 +205,15 @@ def trainable_params(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+#: training precisions: float32; bf16 / fp16 autocast over float32 weights; a model cast to bfloat16
+DTYPES = ("fp32", "bf16", "fp16", "bf16-model")
+
+
 def autocast_ctx(device: str, dtype: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` for ``dtype="bf16"``, a no-op for fp32."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    """``torch.autocast`` for ``dtype="bf16"`` / ``"fp16"``, a no-op otherwise."""
+    if dtype in ("bf16", "fp16"):
+        low = torch.bfloat16 if dtype == "bf16" else torch.float16
+        return torch.autocast(device_type=torch.device(device).type, dtype=low)
     return contextlib.nullcontext()
 
 
@@ -225,20 +225,46 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class Trainer:
     """One model + AdamW over its trainable parameters; ``step`` runs forward, backward and the update."""
 
-    def __init__(self, model: nn.Module, device: str, dtype: str) -> None:
+    def __init__(self, model: nn.Module, device: str, dtype: str, compile: bool = False) -> None:
         self.model = model.to(device)
+        if dtype == "bf16-model":  # weights in bfloat16; PEFT keeps adapter weights in float32
+            self.model = _bf16_model(self.model)
         self.device, self.dtype = device, dtype
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+        self._loss = torch.compile(self._eager_loss) if compile else self._eager_loss
 
-    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.dtype == "bf16-model":
+            x = x.to(torch.bfloat16)
         with autocast_ctx(self.device, self.dtype):
             return F.cross_entropy(logits_of(self.model, x).float(), y)
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._loss(x, y)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.forward_loss(x, y).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+_ADAPTER_PREFIXES = ("ssf_", "lora_", "ia3_")
+
+
+def _bf16_model(model: nn.Module) -> nn.Module:
+    """The model in bfloat16, as after ``model.to(torch.bfloat16)`` before ``get_peft_model``: every weight (the
+    trainable head too) in bfloat16, PEFT adapter weights in float32 (PEFT's ``autocast_adapter_dtype``)."""
+    for name, module in model.named_modules():
+        if any(p in name for p in _ADAPTER_PREFIXES):
+            continue
+        for param in list(module.parameters(recurse=False)):
+            if param.is_floating_point():
+                param.data = param.data.to(torch.bfloat16)
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_floating_point():
+                module._buffers[name] = buf.to(torch.bfloat16)
+    return model
 
 
 def sync(device: str) -> None:
@@ -359,7 +385,8 @@ def saved_activations(model: nn.Module, forward: Callable[[], torch.Tensor]) -> 
     """Count unique non-parameter storages saved for backward while ``forward()`` runs.
 
     Each saved storage is attributed to the innermost module running when it was saved. A storage saved only while
-    an SSF wrapper itself (not its base layer) was innermost is SSF's own extra memory.
+    an SSF wrapper itself (not its base layer) was innermost is SSF's own extra memory. (One function, a little over
+    60 lines: the hooks and the attribution share the module stack and the storage table.)
     """
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     names = {id(m): n for n, m in model.named_modules()}
@@ -578,7 +605,11 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """Options every script shares."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = torch.autocast bfloat16")
+    parser.add_argument(
+        "--dtype", default="fp32", choices=DTYPES,
+        help="fp32; bf16 / fp16 = torch.autocast over float32 weights; bf16-model = frozen weights cast to bfloat16",
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile each method's forward + loss")
     parser.add_argument("--quick", action="store_true", help="tiny configs, one measured round (smoke test)")
     parser.add_argument(
         "--clock", default="auto", choices=["auto", "cpu", "wall"],
@@ -587,9 +618,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rss", action="store_true", help="also sample the RSS delta of one step (CPU, noisy)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")
-    parser.add_argument(
-        "--markdown", action="store_true", help="only re-render README_performance.md from the results files"
-    )
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -607,12 +635,11 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def write_results(out_dir: Path, name: str, payload: dict[str, Any], markdown: str, script: str) -> None:
-    """Write ``name.json`` and ``name.md`` under ``out_dir`` and refresh ``README_performance.md``."""
+    """Write ``name.json`` and ``name.md`` under ``out_dir`` (only those: ``make docs`` renders the README)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
     header = f"<!-- generated by benchmarks/{script}; do not edit by hand -->\n"
     (out_dir / f"{name}.md").write_text(header + markdown.rstrip() + "\n")
-    render_readme_section(out_dir)
 
 
 def _json_default(obj: Any) -> Any:
@@ -654,62 +681,43 @@ def iter_sections(out_dir: Path) -> Iterator[str]:
     targets = targets_markdown(out_dir)
     if targets:
         yield targets
-    train = _load(out_dir, "train_cost")
-    if train:
-        yield train_summary_markdown(train)
-    infer = _load(out_dir, "inference_latency")
-    if infer:
-        yield inference_summary_markdown(infer)
-    merge = _load(out_dir, "merge_time")
-    if merge:
-        yield merge_summary_markdown(merge)
-    scaling = _load(out_dir, "scaling")
-    if scaling:
-        yield scaling_summary_markdown(scaling)
+    for name in TRAIN_COST_FILES:
+        data = _load(out_dir, name)
+        if data:
+            yield train_summary_markdown(data)
+    renderers = {"inference_latency": inference_summary_markdown,
+                 "merge_time": merge_summary_markdown, "scaling": scaling_summary_markdown}
+    for name, render in renderers.items():
+        data = _load(out_dir, name)
+        if data:
+            yield render(data)
 
 
-def render_readme_section(out_dir: Path = RESULTS_DIR) -> str:
-    """Render ``README_performance.md`` (the README's performance section) from the results files."""
+def performance_section(out_dir: Path = RESULTS_DIR) -> str:
+    """``README_performance.md``: every results file present in ``out_dir`` rendered as Markdown (writes nothing;
+    ``python -m benchmarks.docs`` / ``make docs`` writes it and the README block)."""
     blocks = list(iter_sections(out_dir))
-    text = (
-        "<!-- generated from benchmarks/results/*.json by `python benchmarks/train_cost.py --markdown`; "
-        "do not edit by hand -->\n## Performance\n\n"
-    )
+    text = "<!-- generated from benchmarks/results/*.json by `make docs`; do not edit by hand -->\n## Performance\n\n"
     if not blocks:
-        text += "No benchmark results yet: run the scripts in `benchmarks/` (see benchmarks/README.md).\n"
-    else:
-        text += (
-            "Ratios to a reference measured in the same process, methods interleaved, medians after warm-up "
-            "(absolute times on a shared CPU are noisy; ratios are what to compare). Saved activations are "
-            "exact byte counts. Details and method: `docs/performance.md`; all numbers: "
-            "`benchmarks/results/`.\n\n" + "\n\n".join(blocks) + "\n"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "README_performance.md").write_text(text)
-    if out_dir.resolve() == RESULTS_DIR.resolve():
-        update_readme(blocks[:2])
-    return text
+        return text + "No benchmark results yet: run the scripts in `benchmarks/` (see benchmarks/README.md).\n"
+    return text + (
+        "Ratios to a reference measured in the same process, methods interleaved, medians after warm-up "
+        "(absolute times on a shared CPU are noisy; ratios are what to compare). Saved activations are "
+        "exact byte counts. Details and method: `docs/performance.md`; all numbers: "
+        "`benchmarks/results/`.\n\n" + "\n\n".join(blocks) + "\n"
+    )
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_START = "<!-- performance:start (generated by `python benchmarks/train_cost.py --markdown`) -->"
-README_END = "<!-- performance:end -->"
+#: training-cost results files, one per mode (``train_cost.py`` names them), in the order they are shown
+TRAIN_COST_FILES = ("train_cost", "train_cost_bf16", "train_cost_fp16", "train_cost_bf16-model",
+                    "train_cost_compiled", "train_cost_bf16_compiled", "train_cost_bf16_cuda",
+                    "train_cost_bf16_compiled_cuda")
 
 
-def update_readme(blocks: list[str], readme: Path = README) -> bool:
-    """Replace the README text between the performance markers with ``blocks`` (targets and training cost);
-    returns False (and leaves the file alone) when the markers are missing."""
-    if not readme.is_file():
-        return False
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        return False
-    body = "\n\n".join(blocks) if blocks else "No benchmark results yet."
-    new = text[: start + len(README_START)] + "\n" + body + "\n" + text[end:]
-    if new != text:
-        readme.write_text(new)
-    return True
+def readme_performance_block(out_dir: Path = RESULTS_DIR) -> str:
+    """The README's performance block: the targets and the fp32 and bf16-autocast training-cost summaries."""
+    blocks = list(iter_sections(out_dir))[:3]
+    return "\n\n".join(blocks) if blocks else "No benchmark results yet."
 
 
 def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
@@ -740,27 +748,33 @@ def targets_markdown(out_dir: Path, family: str = "vit") -> Optional[str]:
     return "\n".join(lines)
 
 
+#: the engine's labels for the shared methods, plus the cost variants only this suite measures
 METHOD_LABELS = {
+    **ENGINE_METHODS,
     "floor": "floor (frozen + 1 bias)",
-    "full": "full fine-tuning",
-    "lora": "LoRA r=8",
-    "ia3": "IA3",
-    "ln_tuning": "LN-tuning",
     "ssf_naive": "SSF naive",
     "ssf_unpaired": "SSF fused, pair_residuals=False",
     "ssf_fused": "SSF fused + residual pairing (default)",
 }
 
 
+def mode_label(cfg: dict[str, Any]) -> str:
+    """``cpu fp32``, ``cpu bf16 autocast, compiled``, ``cuda bf16 model`` ..."""
+    dtype = cfg.get("dtype", "fp32")
+    text = {"bf16": "bf16 autocast", "fp16": "fp16 autocast", "bf16-model": "bf16 model"}.get(dtype, dtype)
+    return f"{cfg.get('device', 'cpu')} {text}" + (", compiled" if cfg.get("compile") else ", eager")
+
+
 def train_summary_markdown(data: dict[str, Any]) -> str:
-    """Compact training-cost table: time / saved activations / peak ratio to the floor per model and method."""
+    """Compact training-cost table: time / forward-live memory / saved activations ratio to the floor."""
     runs = data["runs"]
     families = list(runs)
     cfg = data["config"]
     head = "| method | " + " | ".join(runs[f]["model"] for f in families) + " |"
     lines = [
-        f"**Training cost** (batch {cfg['batch']} @ {cfg['image_size']}px; step time / saved activations / peak "
-        "step memory, ratio to the floor; head trainable for every method). " + meta_line(data["meta"]) + "\n",
+        f"**Training cost, {mode_label(cfg)}** (batch {cfg['batch']} @ {cfg['image_size']}px; step time / "
+        "forward-live memory (RSS growth over one training forward, fresh process) / saved activations, ratio to "
+        "the floor; head trainable for every method). " + meta_line(data["meta"]) + "\n",
         head,
         "|---|" + "---|" * len(families),
     ]
@@ -771,7 +785,7 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
             r = runs[f]["methods"].get(m)
             cells.append(
                 "-" if r is None else
-                f"{fmt_ratio(r['ratio_time'])} / {fmt_ratio(r['ratio_saved'])} / {fmt_ratio(r['ratio_peak'])}"
+                f"{fmt_ratio(r['ratio_time'])} / {fmt_ratio(r.get('ratio_live'))} / {fmt_ratio(r['ratio_saved'])}"
             )
         lines.append(f"| {METHOD_LABELS[m]} | " + " | ".join(cells) + " |")
     floors = []
@@ -780,41 +794,33 @@ def train_summary_markdown(data: dict[str, Any]) -> str:
         if r:
             floors.append(
                 f"{runs[f]['model']} {r['time_s']:.2f} s/step ({r['images_per_s']:.1f} img/s), "
-                f"{fmt_mib(r['saved_bytes'])} MiB saved"
+                f"{fmt_mib(r.get('live_bytes'))} MiB forward-live, {fmt_mib(r['saved_bytes'])} MiB saved"
             )
     if floors:
         lines.append("\nFloor: " + "; ".join(floors) + ".")
     return "\n".join(lines)
 
 
+def _table(caption: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A caption line and a Markdown table."""
+    lines = [caption + "\n", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 def inference_summary_markdown(data: dict[str, Any]) -> str:
     """Inference latency ratios to the base model."""
-    lines = [
-        "**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]) + "\n",
-        "| model | batch | base (ms) | SSF unmerged | SSF merged | merged = base graph |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        same = "yes" if r["merged_is_base_graph"] else "NO"
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['base_ms']:.1f} | {fmt_ratio(r['ratio_unmerged'])} | "
-            f"{fmt_ratio(r['ratio_merged'])} | {same} |"
-        )
-    return "\n".join(lines)
+    rows = [[r["model"], r["batch"], f"{r['base_ms']:.1f}", fmt_ratio(r["ratio_unmerged"]),
+             fmt_ratio(r["ratio_merged"]), "yes" if r["merged_is_base_graph"] else "NO"] for r in data["rows"]]
+    return _table("**Inference latency** (ratio to the base model, eval mode, no grad). " + meta_line(data["meta"]),
+                  ["model", "batch", "base (ms)", "SSF unmerged", "SSF merged", "merged = base graph"], rows)
 
 
 def merge_summary_markdown(data: dict[str, Any]) -> str:
     """merge_and_unload wall time."""
-    lines = [
-        "**merge_and_unload time** (median). " + meta_line(data["meta"]) + "\n",
-        "| model | SSF sites | time (s) | wall clock (s) |",
-        "|---|---|---|---|",
-    ]
-    for r in data["rows"]:
-        wall = r.get("median_wall_s")
-        wall_txt = '-' if wall is None else f'{wall:.3f}'
-        lines.append(f"| {r['model']} | {r['sites']} | {r['median_s']:.3f} | {wall_txt} |")
-    return "\n".join(lines)
+    rows = [[r["model"], r["sites"], f"{r['median_s']:.3f}",
+             "-" if r.get("median_wall_s") is None else f"{r['median_wall_s']:.3f}"] for r in data["rows"]]
+    return _table("**merge_and_unload time** (median). " + meta_line(data["meta"]),
+                  ["model", "SSF sites", "time (s)", "wall clock (s)"], rows)
 
 
 def scaling_summary_markdown(data: dict[str, Any]) -> str:

@@ -7,10 +7,10 @@ with the paper's init (scale ~ N(1, .02), shift ~ N(0, .02)) so the merge really
 model's outputs are checked against the unmerged one's.
 
 Usage:
-    python benchmarks/inference_latency.py                        # ViT-B/16, Swin-B, ConvNeXt-B; batch 1 and 8
-    python benchmarks/inference_latency.py --families vit --batches 8 --repeats 10
-    python benchmarks/inference_latency.py --device cuda --dtype bf16 --batches 1 64
-    python benchmarks/inference_latency.py --quick
+    python -m benchmarks.inference_latency                        # ViT-B/16, Swin-B, ConvNeXt-B; batch 1 and 8
+    python -m benchmarks.inference_latency --families vit --batches 8 --repeats 10
+    python -m benchmarks.inference_latency --device cuda --dtype bf16 --batches 1 64
+    python -m benchmarks.inference_latency --quick
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ import argparse
 import copy
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from peft import get_peft_model
+from torch import nn
 
-import common as C  # noqa: E402
-import torch  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
+import peft_ssf
 
-import peft_ssf  # noqa: E402
+from . import common as C
 
 
 def graph_signature(model: nn.Module) -> tuple[list[tuple[str, str]], list[tuple[str, tuple[int, ...]]]]:
@@ -102,9 +100,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="default 2 (1 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="measured rounds, default 7 (2 with --quick)")
     args = parser.parse_args(argv)
-    if args.markdown:
-        print(C.render_readme_section(args.out))
-        return {}
     C.setup(args)
     args.batches = args.batches or ([1, 2] if args.quick else [1, 8])
     args.image_size = args.image_size or (32 if args.quick else 224)

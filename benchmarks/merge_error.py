@@ -1,12 +1,15 @@
 """Largest merge error per supported layer type: merged output vs unmerged output, fp32 and fp64.
 
-Usage: python benchmarks/merge_error.py   -> prints a Markdown table, writes results/merge_error.{json,md}
+The layer cases are the ones ``tests/test_layers.py`` checks (loaded from that file by path, so the benchmark
+and the tests cannot drift apart).
+
+Usage: python -m benchmarks.merge_error   -> prints a Markdown table, writes results/merge_error.{json,md}
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -15,17 +18,24 @@ from peft import get_peft_model
 
 import peft_ssf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_layers import CASES, _build  # noqa: E402  (the same cases the tests use)
-
 TRIALS = 20
 
 
-def max_rel_error(name: str, dtype: torch.dtype) -> float:
+def _layer_cases():
+    """``tests/test_layers.py`` as a module (its ``CASES`` names and ``_build`` factory)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "test_layers.py"
+    spec = importlib.util.spec_from_file_location("_peft_ssf_layer_cases", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def max_rel_error(cases, name: str, dtype: torch.dtype) -> float:
+    """Largest merged-vs-unmerged relative output error of layer case ``name`` over ``TRIALS`` random adapters."""
     worst = 0.0
     for trial in range(TRIALS):
         torch.manual_seed(trial)
-        net, x, _, _ = _build(name, dtype=dtype)
+        net, x, _, _ = cases._build(name, dtype=dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = get_peft_model(net, peft_ssf.SSFConfig(target_modules=["op"], init_weights=False))
@@ -38,8 +48,10 @@ def max_rel_error(name: str, dtype: torch.dtype) -> float:
 
 
 def main() -> None:
-    rows = [{"layer": n, "fp32": max_rel_error(n, torch.float32), "fp64": max_rel_error(n, torch.float64)}
-            for n in CASES]
+    cases = _layer_cases()
+    rows = [{"layer": n, **{name: max_rel_error(cases, n, dtype) for name, dtype in (("fp32", torch.float32),
+                                                                                      ("fp64", torch.float64))}}
+            for n in cases.CASES]
     lines = [f"| layer type | max rel. error fp32 ({TRIALS} random adapters) | fp64 |", "|---|---|---|"]
     lines += [f"| {r['layer']} | {r['fp32']:.2e} | {r['fp64']:.2e} |" for r in rows]
     table = "\n".join(lines)

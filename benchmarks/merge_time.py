@@ -4,10 +4,10 @@ Each repeat merges a fresh copy of the same adapted model (the copy is not timed
 so every weight really changes.
 
 Usage:
-    python benchmarks/merge_time.py                 # ViT-B/16, Swin-B, ConvNeXt-B
-    python benchmarks/merge_time.py --families vit --repeats 5
-    python benchmarks/merge_time.py --device cuda
-    python benchmarks/merge_time.py --quick
+    python -m benchmarks.merge_time                 # ViT-B/16, Swin-B, ConvNeXt-B
+    python -m benchmarks.merge_time --families vit --repeats 5
+    python -m benchmarks.merge_time --device cuda
+    python -m benchmarks.merge_time --quick
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ import argparse
 import copy
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peft import get_peft_model
 
-import common as C  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+import peft_ssf
 
-import peft_ssf  # noqa: E402
+from . import common as C
 
 
 def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -54,9 +52,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.FAMILIES)
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
     args = parser.parse_args(argv)
-    if args.markdown:
-        print(C.render_readme_section(args.out))
-        return {}
     C.setup(args)
     args.repeats = args.repeats or (1 if args.quick else 5)
     cfg = {"repeats": args.repeats, "device": args.device, "quick": args.quick}

@@ -1,6 +1,6 @@
 """SSF parameter counts of each preset on the B-size configs (built on the meta device: no memory, no download).
 
-Usage: python benchmarks/param_counts.py   -> prints a Markdown table, writes results/param_counts.{json,md}
+Usage: python -m benchmarks.param_counts   -> prints a Markdown table, writes results/param_counts.{json,md}
 """
 
 from __future__ import annotations

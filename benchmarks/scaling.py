@@ -5,23 +5,20 @@ weights, interleaved steps, median after warm-up): step time, images/s and saved
 Saved-activation bytes are exact; they grow linearly with batch and with the token count (image size squared).
 
 Usage:
-    python benchmarks/scaling.py                # ViT-B/16: batch 1, 2, 4, 8 @224; 160, 224, 288px @ batch 4
-    python benchmarks/scaling.py --family convnext --batches 2 4 --image-sizes 224
-    python benchmarks/scaling.py --methods floor ssf_unpaired ssf_fused
-    python benchmarks/scaling.py --device cuda --dtype bf16 --batches 32 64 128
-    python benchmarks/scaling.py --quick
+    python -m benchmarks.scaling                # ViT-B/16: batch 1, 2, 4, 8 @224; 160, 224, 288px @ batch 4
+    python -m benchmarks.scaling --family convnext --batches 2 4 --image-sizes 224
+    python -m benchmarks.scaling --methods floor ssf_unpaired ssf_fused
+    python -m benchmarks.scaling --device cuda --dtype bf16 --batches 32 64 128
+    python -m benchmarks.scaling --quick
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402
+from . import common as C
 
 
 def points(args: argparse.Namespace) -> list[tuple[int, int]]:
@@ -31,7 +28,8 @@ def points(args: argparse.Namespace) -> list[tuple[int, int]]:
     return grid
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with the defaults of a full or a ``--quick`` run filled in."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
     parser.add_argument("--family", default="vit", choices=C.FAMILIES)
@@ -44,9 +42,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warmup", type=int, default=None, help="default 1")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds, default 3 (1 with --quick)")
     args = parser.parse_args(argv)
-    if args.markdown:
-        print(C.render_readme_section(args.out))
-        return {}
     C.setup(args)
     args.batches = args.batches or ([1, 2] if args.quick else [1, 2, 4, 8])
     args.image_sizes = args.image_sizes or ([32, 48] if args.quick else [160, 224, 288])
@@ -56,6 +51,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.steps = args.steps or (1 if args.quick else 3)
     if "floor" not in args.methods:
         args.methods = ["floor", *args.methods]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     spec = C.model_spec(args.family, args.quick)
     cfg = {k: getattr(args, k) for k in ("family", "methods", "batches", "image_sizes", "size_batch", "warmup",
                                          "steps", "device", "dtype", "quick")}

@@ -8,15 +8,14 @@ share the frozen weights; steps are interleaved, medians are taken after warm-up
 site type the script also reports the bytes saved for backward by the SSF op alone (nothing else saves them).
 
 Usage:
-    python benchmarks/train_cost.py                               # ViT-B/16, Swin-B, ConvNeXt-B @224, batch 8, CPU
-    python benchmarks/train_cost.py --families vit --steps 3      # one model, fewer steps
-    python benchmarks/train_cost.py --methods floor ssf_unpaired ssf_fused
-    python benchmarks/train_cost.py --device cuda --dtype bf16 --batch 64
-    python benchmarks/train_cost.py --quick                       # tiny configs (smoke test)
-    python benchmarks/train_cost.py --markdown                    # only re-render results/README_performance.md
-    python benchmarks/train_cost.py --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
-    python benchmarks/train_cost.py --update-peaks                # re-measure only the peaks of train_cost.json
-    python benchmarks/train_cost.py --combine /tmp/a /tmp/b       # merge per-model runs made in parallel into --out
+    python -m benchmarks.train_cost                               # ViT-B/16, Swin-B, ConvNeXt-B @224, batch 8, CPU
+    python -m benchmarks.train_cost --families vit --steps 3      # one model, fewer steps
+    python -m benchmarks.train_cost --methods floor ssf_unpaired ssf_fused
+    python -m benchmarks.train_cost --device cuda --dtype bf16 --batch 64
+    python -m benchmarks.train_cost --quick                       # tiny configs (smoke test)
+    python -m benchmarks.train_cost --op-costs                    # per-site cost of the SSF ops alone (op_costs.*)
+    python -m benchmarks.train_cost --update-peaks                # re-measure only the peaks of train_cost.json
+    python -m benchmarks.train_cost --combine /tmp/a /tmp/b       # merge per-model runs made in parallel into --out
 """
 
 from __future__ import annotations
@@ -28,9 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common as C  # noqa: E402
+from . import common as C
+from . import forward_memory
 
 
 def log(msg: str) -> None:
@@ -43,19 +41,24 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
     base = C.build_model(family, image_size=args.image_size, quick=args.quick)
     x, y = C.make_batch(args.batch, args.image_size, args.device)
     load_start = os.getloadavg()[0]
-    trainers = {m: C.Trainer(C.prepare(m, base, family), args.device, args.dtype) for m in args.methods}
+    trainers = {m: C.Trainer(C.prepare(m, base, family), args.device, args.dtype, compile=args.compile)
+                for m in args.methods}
     del base
+    # saved-tensor hooks and dispatch modes do not see inside compiled graphs: compiled runs report live memory only
+    eager = not args.compile
     log(f"[{spec.label}] saved activations ...")
-    reports = {m: C.saved_activations(tr.model, lambda tr=tr: tr.forward_loss(x, y)) for m, tr in trainers.items()}
+    reports = {m: (C.saved_activations(tr.model, lambda tr=tr: tr.forward_loss(x, y)) if eager else None)
+               for m, tr in trainers.items()}
     grad_error = None
-    if "ssf_unpaired" in trainers and "ssf_fused" in trainers:
+    if eager and "ssf_unpaired" in trainers and "ssf_fused" in trainers:
         grad_error = C.gradient_error(trainers["ssf_unpaired"].model, trainers["ssf_fused"].model, x, y)
         log(f"[{spec.label}] paired vs unpaired SSF gradients: max rel. difference {grad_error:.2e}")
     log(f"[{spec.label}] timing {len(trainers)} methods x ({args.warmup} warm-up + {args.steps}) steps ...")
     jobs = {m: (lambda tr=tr: tr.step(x, y)) for m, tr in trainers.items()}
     times, wall = C.interleaved_times(jobs, args.warmup, args.steps, args.device)
     log(f"[{spec.label}] peak memory ...")
-    peaks = {m: C.step_peak_bytes(tr, x, y, rss=args.rss) for m, tr in trainers.items()}
+    peaks = {m: (C.step_peak_bytes(tr, x, y, rss=args.rss) if eager else (None, None)) for m, tr in trainers.items()}
+    live = forward_live(family, args)
     methods: dict[str, Any] = {}
     for m, tr in trainers.items():
         t = C.median(times[m])
@@ -65,18 +68,23 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
             "times_s": times[m],
             "wall_s": wall[m],
             "images_per_s": args.batch / t,
-            "saved_bytes": reports[m].total_bytes,
+            "saved_bytes": reports[m].total_bytes if reports[m] else None,
             "peak_bytes": peaks[m][0],
             "rss_delta_bytes": peaks[m][1],
+            "live_bytes": live.get(m),
         }
     floor = methods.get("floor")
+
+    def ratio(r: dict[str, Any], key: str) -> float | None:
+        return r[key] / floor[key] if floor and r.get(key) is not None and floor.get(key) else None
+
     for r in methods.values():
-        r["ratio_time"] = r["time_s"] / floor["time_s"] if floor else None
-        r["ratio_saved"] = r["saved_bytes"] / floor["saved_bytes"] if floor else None
-        r["ratio_peak"] = r["peak_bytes"] / floor["peak_bytes"] if floor else None
+        for key, name in (("time_s", "ratio_time"), ("saved_bytes", "ratio_saved"), ("peak_bytes", "ratio_peak"),
+                          ("live_bytes", "ratio_live")):
+            r[name] = ratio(r, key)
     sites: dict[str, dict[str, Any]] = {}
     for m in C.SSF_VARIANTS:
-        if m not in reports:
+        if reports.get(m) is None:
             continue
         for role, count in reports[m].ssf_sites.items():
             sites.setdefault(role, {"sites": count})[m] = reports[m].ssf_only_bytes.get(role, 0)
@@ -88,6 +96,28 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         "methods": methods,
         "ssf_only_saved_bytes_by_site": sites,
     }
+
+
+def forward_live(family: str, args: argparse.Namespace) -> dict[str, int]:
+    """Forward-live memory of every method, each in a fresh process (CPU only; see ``forward_memory.py``)."""
+    if torch_device_type(args.device) != "cpu" or args.no_live:
+        return {}
+    log(f"[{family}] forward-live memory (fresh process per method) ...")
+    return {m: forward_memory.measure(family, m, args.dtype, batch=args.batch, image_size=args.image_size,
+                                      quick=args.quick, compile=args.compile, threads=args.threads or 1)
+            for m in args.methods}
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
+def results_name(cfg: dict[str, Any]) -> str:
+    """``train_cost`` for float32 eager runs, else ``train_cost_<dtype>[_compiled]``."""
+    suffix = "" if cfg.get("dtype", "fp32") == "fp32" else f"_{cfg['dtype']}"
+    suffix += "_compiled" if cfg.get("compile") else ""
+    suffix += "_cuda" if torch_device_type(cfg.get("device", "cpu")) == "cuda" else ""
+    return "train_cost" + suffix
 
 
 def update_peaks(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,32 +163,34 @@ def combine(dirs: list[Path], out: Path) -> dict[str, Any]:
         for family, run in payload["runs"].items():
             run.setdefault("meta", payload["meta"])
             merged["runs"][family] = run
-    order = [f for f in C.FAMILIES if f in merged["runs"]]
+    order = [f for f in C.ALL_FAMILIES if f in merged["runs"]]
     merged["runs"] = {f: merged["runs"][f] for f in order}
     write_payload(out, merged)
     return merged
 
 
 def write_payload(out: Path, payload: dict[str, Any]) -> None:
-    """Write ``train_cost.json`` / ``.md`` (and the README section) from a payload."""
+    """Write ``<results_name>.json`` / ``.md`` from a payload."""
     cfg = payload["config"]
     sections = [family_markdown(run, cfg) for run in payload["runs"].values()]
     markdown = f"## Training cost\n\n{C.train_summary_markdown(payload)}\n\n" + "\n\n".join(sections)
-    C.write_results(out, "train_cost", payload, markdown, "train_cost.py")
+    C.write_results(out, results_name(cfg), payload, markdown, "train_cost.py")
 
 
 def family_markdown(run: dict[str, Any], cfg: dict[str, Any]) -> str:
     """Full table of one model plus the per-site breakdown."""
     lines = [
-        f"### {run['model']} (batch {cfg['batch']} @ {cfg['image_size']}px, {cfg['device']} {cfg['dtype']})\n",
-        "| method | trainable | s/step | img/s | time | saved MiB | saved | peak MiB | peak | RSS delta MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"### {run['model']} (batch {cfg['batch']} @ {cfg['image_size']}px, {C.mode_label(cfg)})\n",
+        "| method | trainable | s/step | img/s | time | forward-live MiB | forward-live | saved MiB | saved | "
+        "peak MiB | peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m, r in run["methods"].items():
         lines.append(
             f"| {C.METHOD_LABELS.get(m, m)} | {r['trainable']:,} | {r['time_s']:.2f} | {r['images_per_s']:.2f} | "
-            f"{C.fmt_ratio(r['ratio_time'])} | {C.fmt_mib(r['saved_bytes'])} | {C.fmt_ratio(r['ratio_saved'])} | "
-            f"{C.fmt_mib(r['peak_bytes'])} | {C.fmt_ratio(r['ratio_peak'])} | {C.fmt_mib(r['rss_delta_bytes'])} |"
+            f"{C.fmt_ratio(r['ratio_time'])} | {C.fmt_mib(r.get('live_bytes'))} | {C.fmt_ratio(r.get('ratio_live'))} "
+            f"| {C.fmt_mib(r['saved_bytes'])} | {C.fmt_ratio(r['ratio_saved'])} | "
+            f"{C.fmt_mib(r['peak_bytes'])} | {C.fmt_ratio(r['ratio_peak'])} |"
         )
     sites = run["ssf_only_saved_bytes_by_site"]
     floor = run["methods"].get("floor")
@@ -248,7 +280,7 @@ def op_costs(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(parser)
-    parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.FAMILIES)
+    parser.add_argument("--families", nargs="+", default=list(C.FAMILIES), choices=C.ALL_FAMILIES)
     parser.add_argument("--methods", nargs="+", default=list(C.METHODS), choices=C.METHODS)
     parser.add_argument("--batch", type=int, default=None, help="default 8 (2 with --quick)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (32 with --quick)")
@@ -257,16 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--op-costs", action="store_true", help="only time the SSF ops per ViT-B site shape")
     parser.add_argument("--combine", nargs="+", type=Path, default=None,
                         help="merge the train_cost.json files of these directories into --out (no measuring)")
+    parser.add_argument("--no-live", action="store_true",
+                        help="skip the forward-live memory column (a fresh process per method and model)")
     parser.add_argument("--update-peaks", action="store_true",
                         help="only re-measure the peak step memory of the families in an existing train_cost.json")
     args = parser.parse_args(argv)
     if args.combine:
-        payload = combine(args.combine, args.out)
-        print(C.render_readme_section(args.out))
-        return payload
-    if args.markdown:
-        print(C.render_readme_section(args.out))
-        return {}
+        return combine(args.combine, args.out)
     C.setup(args)
     args.batch = args.batch or (2 if args.quick else 8)
     args.image_size = args.image_size or (32 if args.quick else 224)
@@ -278,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return update_peaks(args)
     if "floor" not in args.methods:
         args.methods = ["floor", *args.methods]
-    cfg = {k: getattr(args, k) for k in ("batch", "image_size", "warmup", "steps", "device", "dtype", "quick")}
+    keys = ("batch", "image_size", "warmup", "steps", "device", "dtype", "compile", "quick")
+    cfg = {k: getattr(args, k) for k in keys}
     cfg["methods"] = args.methods
     payload: dict[str, Any] = {"meta": C.machine_info(args.device, args.dtype), "config": cfg, "runs": {}}
     for family in args.families:
@@ -286,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payload["runs"][family] = run
         print(family_markdown(run, cfg) + "\n", flush=True)
         write_payload(args.out, payload)  # after every model: a crash keeps what was done
-    log(f"wrote {args.out}/train_cost.json and .md")
+    log(f"wrote {args.out}/{results_name(cfg)}.json and .md")
     return payload
 
 

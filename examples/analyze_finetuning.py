@@ -6,11 +6,13 @@ What it does (default, no arguments):
    position with a random shape, so the pretrained backbone has no reason to keep track of position or shape;
 2. fine-tunes it to tell the object's *position* (which quadrant) three ways: full fine-tuning, SSF
    (``peft_ssf``; skipped if the tuner is not importable) and head only (frozen backbone + new linear head);
-3. runs :func:`peft_ssf.analysis.compare` on held-out images and writes report.json, CSVs and heatmaps.
+3. runs :func:`peft_ssf.analysis.compare` on held-out images and writes report.json, CSVs and heatmaps, with
+   every model's per-layer noise floor CKA(M_l(X), M_l(noise)).
 
 With ``--pretrained DIR --finetuned DIR [DIR ...] --images DIR`` it analyses your own local models instead (same
 loading rules as ``peft-ssf analyze``). ``--save-models DIR`` keeps the tiny models (the SSF one as an adapter dir)
-so that ``peft-ssf analyze`` can be tried on them.
+so that ``peft-ssf analyze`` can be tried on them. ``--compare-estimators`` also runs the authors' estimator (fresh
+noise per STIR cell) on the same models and images and prints how far its cells are from the cached ones.
 
     python examples/analyze_finetuning.py --out invariance_report
 """
@@ -29,7 +31,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from peft_ssf.analysis import compare
+from peft_ssf.analysis import InvarianceReport, compare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,7 +164,7 @@ def save_models(root: Path, pretrained: nn.Module, finetuned: dict[str, nn.Modul
     print(f"saved models to {root}")
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="invariance_report", help="output dir of the report")
     parser.add_argument("--n", type=int, default=32, help="number of analysed images")
@@ -175,43 +177,56 @@ def main() -> int:
     parser.add_argument("--pretrained", help="analyse a local model dir instead of the tiny stand-ins")
     parser.add_argument("--finetuned", nargs="+", help="local fine-tuned model / adapter dirs (with --pretrained)")
     parser.add_argument("--images", help="image folder or datasets dir (with --pretrained)")
+    parser.add_argument(
+        "--compare-estimators",
+        action="store_true",
+        help="also run the authors' estimator (fresh noise per STIR cell, same n and steps) into OUT/fresh_noise "
+        "and print how far its cells are from the cached estimator's",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    started = time.perf_counter()
+    if args.pretrained and (not args.finetuned or not args.images):
+        parser.error("--pretrained needs --finetuned and --images")
+    return args
 
-    norm: dict[str, tuple[float, ...]] = {}
-    accuracies: dict[str, float] = {}
+
+def models_and_images(args: argparse.Namespace) -> tuple[nn.Module, dict[str, nn.Module], torch.Tensor, dict]:
+    """The models and images to analyse, the normalisation to pass (empty: read from the model dir), accuracies."""
     if args.pretrained:
         from peft_ssf.analysis.cli import load_images, load_model
 
-        if not args.finetuned or not args.images:
-            parser.error("--pretrained needs --finetuned and --images")
         pretrained = load_model(args.pretrained)
         finetuned = {Path(p).resolve().name: load_model(p) for p in args.finetuned}
         size = pretrained.config.image_size
         images = load_images(args.images, args.n, size if isinstance(size, int) else size[0])
-        # normalisation: read from the pretrained dir's preprocessor_config.json by compare()
-    else:
-        pretrained, finetuned, accuracies = tiny_models(args)
-        if args.save_models:
-            save_models(Path(args.save_models), pretrained, finetuned)
-        images, _ = synthetic_batch(args.n, torch.Generator().manual_seed(12345))
-        norm = {"mean": MEAN, "std": STD}
-    trained = time.perf_counter()
+        return pretrained, finetuned, images, {"norm": {}, "accuracy": {}}
+    pretrained, finetuned, accuracies = tiny_models(args)
+    if args.save_models:
+        save_models(Path(args.save_models), pretrained, finetuned)
+    images, _ = synthetic_batch(args.n, torch.Generator().manual_seed(12345))
+    return pretrained, finetuned, images, {"norm": {"mean": MEAN, "std": STD}, "accuracy": accuracies}
 
-    report = compare(
-        pretrained,
-        finetuned,
-        images,
-        steps=args.steps,
-        seed=args.seed,
-        reference="full" if "full" in finetuned else None,
-        progress=not args.quiet,
-        **norm,
-    )
-    report.settings["accuracy"] = accuracies
+
+def estimator_difference(cached: InvarianceReport, fresh: InvarianceReport) -> str:
+    """Max and mean absolute cell difference between two reports, per matrix kind (R, Q, W)."""
+    parts = []
+    for kind in ("R", "Q", "W"):
+        a, b = getattr(cached, kind), getattr(fresh, kind)
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        parts.append(f"{kind}: max {float(diff.max()):.3f}, mean {float(diff.mean()):.3f}")
+    return "fresh noise per cell vs cached, |cell difference|: " + "; ".join(parts)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    pretrained, finetuned, images, extra = models_and_images(args)
+    trained = time.perf_counter()
+    settings = dict(steps=args.steps, seed=args.seed, reference="full" if "full" in finetuned else None)
+    report = compare(pretrained, finetuned, images, progress=not args.quiet, **settings, **extra["norm"])
+    report.settings["accuracy"] = extra["accuracy"]
     written = report.save(args.out)
     done = time.perf_counter()
     print(report.summary())
@@ -220,7 +235,18 @@ def main() -> int:
         f"inversions: {report.inversions_performed} run, {report.inversions_without_cache} without the cache; "
         f"mean best relative loss per pretrained source layer: {losses}"
     )
+    for name, floor in report.noise_baseline.items():
+        print(f"noise floor CKA(M_l(X), M_l(noise)) of {name}: " + ", ".join(f"{v:.3f}" for v in floor))
     print(f"time: models {trained - started:.1f} s, analysis {done - trained:.1f} s; wrote {len(written)} files")
+    if args.compare_estimators:
+        fresh = compare(
+            pretrained, finetuned, images, fresh_noise_per_cell=True, progress=not args.quiet, **settings,
+            **extra["norm"],
+        )  # fmt: skip
+        fresh.save(Path(args.out) / "fresh_noise")
+        print(estimator_difference(report, fresh))
+        seconds = time.perf_counter() - done
+        print(f"time: fresh-noise analysis {seconds:.1f} s ({fresh.inversions_performed} inversions)")
     return 0
 
 

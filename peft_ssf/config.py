@@ -40,7 +40,9 @@ class SSFConfig(PeftConfig):
             ``False`` draws a clearly non-identity adapter (scale ~ N(1, 0.2), shift ~ N(0, 0.2)), for tests.
         skip_key_shift: do not create the shift of key projections. It has exactly zero gradient (softmax ignores
             a per-query constant), so it is dead weight: 9,216 parameters on ViT-B/16.
-        key_modules: name suffixes that identify key projections for ``skip_key_shift``.
+        key_modules: dotted-name suffixes that identify key projections for ``skip_key_shift``. The default covers
+            every naming the presets match: ``k_proj`` (transformers 5.x) and any module named ``key``
+            (``attention.attention.key``, ``attention.self.key``, ``attn.key`` in transformers 4.x and others).
         bias_free_sites: what to do with a Linear / Conv that has no bias. A shift there cannot be folded into the
             weights without adding a bias (a different architecture), so ``"scale_only"`` (default) learns only the
             scale at such sites and ``"error"`` refuses to adapt them.
@@ -80,7 +82,7 @@ class SSFConfig(PeftConfig):
     )
     skip_key_shift: bool = field(default=False, metadata={"help": "Skip the inert shift of key projections."})
     key_modules: list[str] = field(
-        default_factory=lambda: ["k_proj", "attention.key", "attn.key"],
+        default_factory=lambda: ["k_proj", "key"],
         metadata={"help": "Name suffixes of key projections (used by skip_key_shift)."},
     )
     bias_free_sites: str = field(

@@ -2,20 +2,33 @@
 
 ``PeftModel.push_to_hub`` comes from transformers' ``PushToHubMixin``, which (in transformers 5.x) saves the adapter
 and then replaces PEFT's README with a generic transformers card. For SSF adapters we route ``push_to_hub`` to
-``push_adapter_to_hub``: save with ``save_pretrained``, write the card from ``model_card``, upload the folder. Other
-PEFT methods keep the original behaviour.
+``push_adapter_to_hub``, which takes exactly the arguments of transformers' method: save with ``save_pretrained``,
+write the card from ``model_card``, upload the folder. Other PEFT methods keep the original behaviour.
+
+The card never records a path of the user's machine: ``base_model`` is the base's Hub id when it has one and is
+left out otherwise, and the adapter_config.json saved next to the card gets the same treatment. The card's config
+block is that saved file, verbatim.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from huggingface_hub import HfApi
 
 LIBRARY_TAGS = ("ssf", "peft-ssf")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def hub_base_model(name_or_path: Optional[str]) -> Optional[str]:
+    """``name_or_path`` if it is a Hub repository id, None if it is empty or a path on this machine."""
+    if not name_or_path or Path(name_or_path).expanduser().exists() or not _REPO_ID.match(name_or_path):
+        return None
+    return name_or_path
 
 
 def _ssf_configs(peft_model: Any) -> dict[str, Any]:
@@ -34,41 +47,82 @@ def _pipeline_tag(peft_model: Any) -> Optional[str]:
     return None
 
 
-def model_card(peft_model: Any, adapter_name: str = "default", repo_id: Optional[str] = None) -> str:
-    """The README.md (YAML front matter + body) of an SSF adapter: config, parameter counts, load and merge code."""
+def _saved_config(peft_model: Any, adapter_name: str) -> dict[str, Any]:
+    """The adapter_config.json ``save_pretrained`` writes for ``adapter_name`` (with a Hub-safe base model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
+        folder = Path(tmp) if adapter_name == "default" else Path(tmp) / adapter_name
+        return _hub_safe_config(folder / "adapter_config.json")
+
+
+def _hub_safe_config(path: Path) -> dict[str, Any]:
+    """Read a saved adapter_config.json, drop a machine path from ``base_model_name_or_path``, write it back."""
+    cfg = json.loads(path.read_text())
+    safe = hub_base_model(cfg.get("base_model_name_or_path"))
+    if safe != cfg.get("base_model_name_or_path"):
+        cfg["base_model_name_or_path"] = safe
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return cfg
+
+
+def _counts(peft_model: Any, adapter_name: str) -> tuple[int, int, int]:
+    """(SSF scale + shift parameters, trainable parameters incl. modules_to_save, frozen base parameters)."""
+    named = list(peft_model.named_parameters())
+    ssf = sum(p.numel() for n, p in named if ".ssf_" in n and n.endswith(f".{adapter_name}"))
+    trainable = sum(p.numel() for n, p in named
+                    if n.endswith(f".{adapter_name}") or f".modules_to_save.{adapter_name}." in n)
+    backbone = sum(p.numel() for n, p in peft_model.get_base_model().named_parameters()
+                   if ".ssf_" not in n and ".modules_to_save." not in n)
+    return ssf, trainable, backbone
+
+
+def _front_matter(peft_model: Any, base: Optional[str], tags: tuple[str, ...]) -> str:
+    pipeline = _pipeline_tag(peft_model)
+    all_tags = {*LIBRARY_TAGS, "peft", *tags, *(["image-classification"] if pipeline == "image-classification"
+                                                 else [])}
+    if base:
+        all_tags.add("base_model:adapter:" + base)
+    lines = ["---", "library_name: peft", *([f"base_model: {base}"] if base else []), "tags:"]
+    lines += [f"- {t}" for t in sorted(all_tags)]
+    lines += [f"pipeline_tag: {pipeline}"] if pipeline else []
+    return "\n".join([*lines, "---"])
+
+
+def _load_snippet(base: Optional[str], name: str) -> str:
+    base_line = f'"{base}"' if base else '"BASE_MODEL_ID_OR_PATH"  # the model this adapter was trained on'
+    return f"""```python
+import peft_ssf  # registers the SSF method with PEFT: needed before loading
+from peft import PeftModel
+from transformers import AutoModelForImageClassification
+
+base = AutoModelForImageClassification.from_pretrained({base_line})
+model = PeftModel.from_pretrained(base, "{name}")
+```"""
+
+
+def model_card(peft_model: Any, adapter_name: str = "default", repo_id: Optional[str] = None,
+               adapter_config: Optional[dict[str, Any]] = None, tags: tuple[str, ...] = ()) -> str:
+    """The README.md (YAML front matter + body) of an SSF adapter: config, parameter counts, load and merge code.
+
+    ``adapter_config`` is the saved adapter_config.json the card describes (default: what ``save_pretrained``
+    would write now); it is shown verbatim, and its base model, if a Hub id, becomes the card's ``base_model``.
+    """
     import peft
     import transformers
 
     from . import __version__
 
-    config = peft_model.peft_config[adapter_name]
-    base = config.base_model_name_or_path or "unknown"
-    ssf_params = sum(
-        p.numel() for n, p in peft_model.named_parameters() if ".ssf_" in n and n.endswith(f".{adapter_name}")
-    )
-    trainable = sum(
-        p.numel() for n, p in peft_model.named_parameters() if n.endswith(f".{adapter_name}") or
-        f".modules_to_save.{adapter_name}." in n
-    )
-    backbone = sum(p.numel() for n, p in peft_model.get_base_model().named_parameters() if ".ssf_" not in n and
-                   ".modules_to_save." not in n)
-    tags = sorted({*LIBRARY_TAGS, "peft", "base_model:adapter:" + base, *(["image-classification"]
-                   if _pipeline_tag(peft_model) == "image-classification" else [])})
-    pipeline = _pipeline_tag(peft_model)
-    front = ["---", "library_name: peft", f"base_model: {base}", "tags:"] + [f"- {t}" for t in tags]
-    if pipeline:
-        front.append(f"pipeline_tag: {pipeline}")
-    front.append("---")
-    cfg = config.to_dict()
-    cfg_json = json.dumps({k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}, indent=2,
-                          default=str)
-    name = repo_id or "path/to/this/adapter"
-    body = f"""
-# SSF adapter for `{base}`
+    cfg = adapter_config if adapter_config is not None else _saved_config(peft_model, adapter_name)
+    base = hub_base_model(cfg.get("base_model_name_or_path"))
+    ssf_params, trainable, backbone = _counts(peft_model, adapter_name)
+    n_targets = len(cfg.get("target_modules") or [])
+    return f"""{_front_matter(peft_model, base, tags)}
+
+# SSF adapter{f" for `{base}`" if base else ""}
 
 This is an [SSF](https://arxiv.org/abs/2210.08823) ("Scaling & Shifting Your Features") adapter trained with
 [peft-ssf](https://pypi.org/project/peft-ssf/): a learnable per-channel scale and shift after
-{len(cfg.get("target_modules") or [])} target ops of the frozen base model.
+{n_targets} target ops of the frozen base model.
 
 | | parameters |
 |---|---|
@@ -78,17 +132,10 @@ This is an [SSF](https://arxiv.org/abs/2210.08823) ("Scaling & Shifting Your Fea
 
 ## Load
 
-```python
-import peft_ssf  # registers the SSF method with PEFT: needed before loading
-from peft import PeftModel
-from transformers import AutoModelForImageClassification
+{_load_snippet(base, repo_id or "path/to/this/adapter")}
 
-base = AutoModelForImageClassification.from_pretrained("{base}")
-model = PeftModel.from_pretrained(base, "{name}")
-```
-
-(If the adapter has a new classification head, load the base with `num_labels=...` and
-`ignore_mismatched_sizes=True`.)
+If the adapter has a new classification head, load the base with `num_labels=...` and
+`ignore_mismatched_sizes=True`.
 
 ## Merge for deployment
 
@@ -100,10 +147,10 @@ merged = model.merge_and_unload()
 merged.save_pretrained("deploy")
 ```
 
-## SSF config
+## SSF config (adapter_config.json)
 
 ```json
-{cfg_json}
+{json.dumps(cfg, indent=2, sort_keys=True)}
 ```
 
 ### Framework versions
@@ -112,14 +159,18 @@ merged.save_pretrained("deploy")
 - PEFT {peft.__version__}
 - transformers {transformers.__version__}
 """
-    return "\n".join(front) + "\n" + body
 
 
-def write_model_card(peft_model: Any, directory: str | Path, repo_id: Optional[str] = None) -> Path:
-    """Write our card as ``directory/README.md`` (replacing PEFT's generic one)."""
-    path = Path(directory) / "README.md"
+def write_model_card(peft_model: Any, directory: Union[str, Path], repo_id: Optional[str] = None,
+                     tags: tuple[str, ...] = ()) -> Path:
+    """Write our card as ``directory/README.md`` for the adapter ``save_pretrained`` just wrote there.
+
+    Replaces PEFT's generic card, and drops a machine path from that directory's adapter_config.json.
+    """
     adapter = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
-    path.write_text(model_card(peft_model, adapter, repo_id))
+    cfg = _hub_safe_config(Path(directory) / "adapter_config.json")
+    path = Path(directory) / "README.md"
+    path.write_text(model_card(peft_model, adapter, repo_id, adapter_config=cfg, tags=tags))
     return path
 
 
@@ -128,22 +179,34 @@ def push_adapter_to_hub(
     repo_id: str,
     *,
     commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
     private: Optional[bool] = None,
-    token: Optional[str | bool] = None,
+    token: Union[bool, str, None] = None,
     revision: Optional[str] = None,
     create_pr: bool = False,
-    **_: Any,
+    max_shard_size: Union[int, str, None] = "50GB",
+    tags: Optional[list[str]] = None,
 ) -> Any:
-    """Upload adapter_config.json, adapter_model.safetensors and our README.md to ``repo_id``."""
-    api = HfApi(token=token if isinstance(token, str) else None)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    """Upload adapter_config.json, adapter_model.safetensors and our README.md to ``repo_id``.
+
+    The arguments are those of transformers' ``PushToHubMixin.push_to_hub`` with the same meaning (``token=True``:
+    the token of ``hf auth login``; ``revision``: a branch, created if missing; ``create_pr``: open a pull request).
+    ``max_shard_size`` is accepted for compatibility: an adapter is always one file.
+    """
+    del max_shard_size
+    api = HfApi()
+    repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp)
-        write_model_card(peft_model, tmp, repo_id)
+        write_model_card(peft_model, tmp, repo_id, tags=tuple(tags or ()))
         return api.upload_folder(
             folder_path=tmp,
             repo_id=repo_id,
+            token=token,
             commit_message=commit_message or "Upload SSF adapter",
+            commit_description=commit_description,
             revision=revision,
             create_pr=create_pr,
         )
@@ -159,6 +222,9 @@ def install_push_to_hub() -> None:
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any):
         if _ssf_configs(self):
+            if args:  # transformers' signature is keyword-only after repo_id: fail the same way
+                raise TypeError(f"push_to_hub() takes 1 positional argument after self but {1 + len(args)} were "
+                                "given; pass commit_message=..., private=..., token=... by keyword")
             return push_adapter_to_hub(self, repo_id, **kwargs)
         return original(self, repo_id, *args, **kwargs)
 

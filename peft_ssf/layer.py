@@ -27,7 +27,8 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
-from .ops import RECONSTRUCT_MIN_SCALE, scale_shift_fused, scale_shift_naive
+from .guard import site_may_keep_output
+from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
 MIN_UNMERGE_SCALE = 1e-4
@@ -39,7 +40,8 @@ class SSFLayer(BaseTunerLayer):
     """Mixin with the adapter state and the type-independent SSF logic."""
 
     adapter_layer_names = ("ssf_scale", "ssf_shift")
-    other_param_names = ()
+    #: per-adapter settings that PEFT deletes together with the adapter
+    other_param_names = ("ssf_fused",)
 
     #: output axis carrying the channels; subclasses set it (or compute it in ``_channel_dim``)
     channel_dim: int = -1
@@ -54,13 +56,17 @@ class SSFLayer(BaseTunerLayer):
         self.ssf_shift = nn.ParameterDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.fused = True
+        self.ssf_fused: dict[str, bool] = {}  # adapter -> use the memory-saving training op
         self.num_channels = self._num_channels()
-        self.in_features = self.out_features = self.num_channels
+        self.in_features, self.out_features = self._features()
 
     # ----- per-type hooks -------------------------------------------------------------------------------------
     def _num_channels(self) -> int:
         raise NotImplementedError
+
+    def _features(self) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the wrapped op; SSF acts on the output, so ``out`` = its channels."""
+        return self.num_channels, self.num_channels
 
     def _merged_params(
         self, scale: torch.Tensor, shift: Optional[torch.Tensor]
@@ -76,24 +82,17 @@ class SSFLayer(BaseTunerLayer):
         """Training forward that stores no extra activation. Default: base op + output-saving SSF op."""
         out = self.base_layer(x, *args, **kwargs)
         scale, shift = self._broadcast_params(adapter, out)
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # compiled graphs: the plain formulation has no data-dependent branch, and the compiler's partitioner
+            # picks what to keep for backward
             return scale_shift_naive(out, scale, shift)
-        return scale_shift_fused(out, scale, shift, from_output=self._reconstructible(adapter), mode=residual.active())
+        keep_output = site_may_keep_output(self, adapter, self.ssf_scale[adapter])
+        return scale_shift_fused(out, scale, shift, from_output=keep_output, mode=self._pairing_mode(), owner=self)
 
-    def _reconstructible(self, adapter: str) -> bool:
-        """Whether every ``|scale|`` of ``adapter`` is >= ``RECONSTRUCT_MIN_SCALE`` (the fused op may keep its output).
-
-        Cached per version of the parameter (an optimizer step or ``load_state_dict`` bumps it), so a training step
-        costs one host-device sync per site only when the scales changed, not on every forward.
-        """
-        param = self.ssf_scale[adapter]
-        key = (param._version, param.data_ptr())
-        cache = self.__dict__.setdefault("_reconstructible_cache", {})
-        hit = cache.get(adapter)
-        if hit is None or hit[0] != key:
-            hit = (key, bool((param.detach().abs() >= RECONSTRUCT_MIN_SCALE).all()))
-            cache[adapter] = hit
-        return hit[1]
+    def _pairing_mode(self) -> Optional[residual.ResidualPairing]:
+        """The residual-pairing mode of this training forward, if it tracks this site."""
+        mode = residual.active()
+        return mode if mode is not None and mode.wants(self) else None
 
     # ----- adapter management ---------------------------------------------------------------------------------
     def update_layer(
@@ -113,7 +112,7 @@ class SSFLayer(BaseTunerLayer):
         elif adapter_name in self.ssf_shift:
             del self.ssf_shift[adapter_name]
         self.reset_ssf_parameters(adapter_name, init_weights)
-        self.fused = fused
+        self.ssf_fused[adapter_name] = fused
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -164,18 +163,22 @@ class SSFLayer(BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
+        mode = residual.active()
+        if mode is not None:
+            mode.site_starts()
+        if self._disable_adapters:
+            if self.merged_adapters:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        if self.merged:
+        if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.ssf_scale]
+        names = self._active_adapter  # PEFT's active_adapters property, without its per-call overhead
+        active = [name for name in ((names,) if isinstance(names, str) else names) if name in self.ssf_scale]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self.fused and len(active) == 1:
+        if len(active) == 1 and self.ssf_fused.get(active[0], True):
             return self._fused_forward(x, active[0], *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         for name in active:
@@ -190,6 +193,10 @@ class SSFLayer(BaseTunerLayer):
         The output's leading dim must be the batch, or the batch folded batch-major into it (Swin's windows turn
         ``B`` samples into ``B * num_windows`` rows, sample-major); each sample's rows get that sample's adapter.
         """
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
         out = self.base_layer(x, *args, **kwargs)
         self._check_output(out)
         n_samples, lead = len(adapter_names), out.shape[0]
@@ -259,8 +266,8 @@ class SSFLayer(BaseTunerLayer):
                 bad = [p for p, v in new_params.items() if not torch.isfinite(v).all()]
                 if bad:
                     raise ValueError(
-                        f"NaNs or Infs detected in the merged {', '.join(bad)} of adapter '{name}' on "
-                        f"{type(self.get_base_layer()).__name__}; the adapter seems broken. Nothing was merged "
+                        f"NaNs detected in the merged weights. The adapter {name} seems to be broken: NaN or Inf in "
+                        f"the merged {', '.join(bad)} of {type(self.get_base_layer()).__name__}. Nothing was merged "
                         "into this layer."
                     )
             self._write_params(new_params)
@@ -358,9 +365,21 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         super().__init__(base_layer, adapter_name, **kwargs)
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if torch.is_grad_enabled() or args or kwargs:
+        base = self.base_layer
+        if args or kwargs:
             return super()._fused_forward(x, adapter, *args, **kwargs)
-        base = self.get_base_layer()
+        if torch.is_grad_enabled():
+            site = self._foldable_site(base)
+            scale = self.ssf_scale[adapter]
+            if site is None or torch.compiler.is_compiling() or not site_may_keep_output(self, adapter, scale):
+                return super()._fused_forward(x, adapter, *args, **kwargs)
+            if not (site.out_channels == scale.shape[0] == self.num_channels):
+                raise RuntimeError(
+                    f"SSF on {type(base).__name__} expects {self.num_channels} channels, but the op has "
+                    f"{site.out_channels} output channels and the adapter {scale.shape[0]}."
+                )
+            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
+            return folded_scale_shift(x, site, scale, shift, mode=self._pairing_mode(), owner=self)
         run = _DIRECT_OPS.get(type(base))
         if run is None or not self._fold_is_cheaper(base, x):
             return super()._fused_forward(x, adapter, *args, **kwargs)
@@ -369,6 +388,16 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         weight = params["weight"].to(base.weight.dtype)
         bias = params["bias"].to(base.bias.dtype) if "bias" in params else None
         return run(base, x, weight, bias)
+
+    def _foldable_site(self, base: nn.Module) -> Optional[FoldSite]:
+        """The ``FoldSite`` of the base op when training may fold SSF into it (frozen plain Linear / ConvNd)."""
+        cached = self.__dict__.get("_fold_site")
+        if cached is None or cached[0] is not base:
+            cached = self.__dict__["_fold_site"] = (base, FoldSite(base) if FoldSite.supports(base) else None)
+        site = cached[1]
+        if site is None or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        return site
 
     @staticmethod
     def _fold_is_cheaper(base: nn.Module, x: torch.Tensor) -> bool:
@@ -387,6 +416,9 @@ class Linear(_WeightBiasOp):
     def _num_channels(self) -> int:
         return self.get_base_layer().out_features
 
+    def _features(self) -> tuple[int, int]:
+        return self.get_base_layer().in_features, self.num_channels
+
 
 class Conv1D(_WeightBiasOp):
     """SSF after transformers' ``Conv1D`` (GPT-2 style, weight stored as [in, out])."""
@@ -397,6 +429,9 @@ class Conv1D(_WeightBiasOp):
     def _num_channels(self) -> int:
         return self.get_base_layer().nf
 
+    def _features(self) -> tuple[int, int]:
+        return self.get_base_layer().weight.shape[0], self.num_channels  # weight is [in, out]
+
 
 class Conv(_WeightBiasOp):
     """SSF after ``nn.Conv1d/2d/3d`` (grouped and depthwise included): channels on dim 1."""
@@ -405,6 +440,9 @@ class Conv(_WeightBiasOp):
 
     def _num_channels(self) -> int:
         return self.get_base_layer().out_channels
+
+    def _features(self) -> tuple[int, int]:
+        return self.get_base_layer().in_channels, self.num_channels
 
 
 class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
@@ -422,6 +460,9 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
+        mode = residual.active()
+        if mode is not None:
+            mode.norm_input(x)
         if not self.can_merge:
             return super()._fused_forward(x, adapter, *args, **kwargs)
         scale = self.ssf_scale[adapter].to(base.weight.dtype)
@@ -431,9 +472,38 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
             if adapter in self.ssf_shift:
                 bias = bias + self.ssf_shift[adapter].to(base.bias.dtype)
             params["bias"] = bias
+        layout = _layer_norm_layout(base) if not args and not kwargs else None
+        if layout is not None and _half_precision_norm(base, x):
+            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
+            if layout == "channels_first":  # ConvNeXt's LayerNorm over dim 1: the same permutes as its forward
+                out = folded_layer_norm(x.permute(0, 2, 3, 1), base, self.ssf_scale[adapter], shift)
+                return out.permute(0, 3, 1, 2)
+            return folded_layer_norm(x, base, self.ssf_scale[adapter], shift)
         if type(base) is nn.LayerNorm and not args and not kwargs:  # skip functional_call's module swapping
             return F.layer_norm(x, base.normalized_shape, params["weight"], params.get("bias"), base.eps)
         return functional_call(base, params, (x, *args), kwargs, strict=False)
+
+
+#: LayerNorm subclasses whose forward is ``F.layer_norm`` over the last dim, or over dim 1 by permuting (ConvNeXt)
+_KNOWN_LAYER_NORMS = ("ConvNextLayerNorm", "ConvNextV2LayerNorm")
+
+
+def _layer_norm_layout(base: nn.Module) -> Optional[str]:
+    """``"channels_last"`` / ``"channels_first"`` for LayerNorms whose forward we know exactly, else None."""
+    if type(base) is nn.LayerNorm:
+        return "channels_last"
+    if type(base).__name__ in _KNOWN_LAYER_NORMS and type(base).__module__.startswith("transformers."):
+        return getattr(base, "data_format", None)
+    return None
+
+
+def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
+    """A frozen bf16 / fp16 norm on half-precision input, outside autocast and compilation: its parameter gradients
+    are computed by ``ops.folded_layer_norm`` (the CPU LayerNorm backward loses ~2% on them in half precision)."""
+    half = (torch.bfloat16, torch.float16)
+    weight = base.weight
+    return (weight is not None and weight.dtype in half and x.dtype in half and not weight.requires_grad
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
 class LayerNorm(_AffineNorm):
@@ -484,6 +554,9 @@ class Embedding(_SSFModule):
 
     def _num_channels(self) -> int:
         return self.get_base_layer().embedding_dim
+
+    def _features(self) -> tuple[int, int]:
+        return self.get_base_layer().num_embeddings, self.num_channels
 
     def _merged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.get_base_layer().weight.detach().to(scale.dtype) * scale

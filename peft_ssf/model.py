@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import residual
+from . import guard, residual
 from .config import SSFConfig
 from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
 from .presets import _examples, resolve_preset, supported_module_names
@@ -93,6 +93,14 @@ class SSFModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        reason = unsupported_storage(base)
+        if reason is not None:
+            raise TypeError(
+                f"SSF cannot adapt module '{current_key}' ({type(base).__qualname__}): {reason}. Load the base model "
+                "unquantized and fully on one device (e.g. dtype=torch.bfloat16, no CPU/disk offload in device_map), "
+                "or exclude this module (exclude_modules=[...]). For quantized or offloaded bases use a PEFT method "
+                "that supports them, such as LoRA."
+            )
         if wrapper_for(base) is None:
             raise TypeError(
                 f"SSF cannot adapt module '{current_key}' of type {type(base).__module__}."
@@ -107,6 +115,7 @@ class SSFModel(BaseTuner):
         }
         if isinstance(target, SSFLayer):
             target.update_layer(adapter_name, **kwargs)
+            self._register(target)
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(
@@ -117,15 +126,25 @@ class SSFModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        self._register(new_module)
+
+    def _register(self, layer: SSFLayer) -> None:
+        """Remember every SSF layer this tuner created, so a training forward finds them without a module walk."""
+        registry = self.__dict__.setdefault("_ssf_registry", [])
+        if not any(known is layer for known in registry):
+            registry.append(layer)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version assumes the child has a non-None weight; a norm without affine parameters has none.
+        base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if getattr(base, "weight", None) is not None or hasattr(base, "qweight") or hasattr(base, "W_q"):
+            super()._replace_module(parent, child_name, new_module, child)  # PEFT's device / meta handling
+            return
+        # PEFT's version reads child.weight.device; a norm without affine parameters has weight None
         setattr(parent, child_name, new_module)
-        if isinstance(new_module, SSFLayer):
-            device = _param_device(new_module.get_base_layer())
-            if device is not None and device.type != "meta":
-                new_module.ssf_scale.to(device)
-                new_module.ssf_shift.to(device)
+        device = _param_device(base)
+        for adapter_dict in (new_module.ssf_scale, new_module.ssf_shift):
+            if device is not None and not any(p.device.type == "meta" for p in adapter_dict.parameters()):
+                adapter_dict.to(device)
 
     def _wants_shift(self, config: SSFConfig, module: nn.Module, key: str) -> bool:
         if config.skip_key_shift and any(key == k or key.endswith("." + k) for k in config.key_modules):
@@ -184,7 +203,9 @@ class SSFModel(BaseTuner):
                             problems.append(f"{name}.{key}: NaN/Inf after merging adapter '{adapter}'")
         if problems:
             shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-            raise ValueError(f"Refusing to merge SSF, no weight was changed: {shown}.")
+            # keep PEFT's phrase for NaN merges, so code written against PEFT's error still matches
+            nan = "NaNs detected in the merged weights. " if any("NaN/Inf" in p for p in problems) else ""
+            raise ValueError(f"{nan}Refusing to merge SSF, no weight was changed: {shown}.")
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge adapters into the weights in place (all checks run before anything is written)."""
@@ -215,31 +236,51 @@ class SSFModel(BaseTuner):
                 return True
         return False
 
+    def _fused_sites(self) -> list[tuple[SSFLayer, str, torch.Tensor]]:
+        """``(layer, adapter, scale)`` of every site that runs the fused op in a forward with grad enabled."""
+        layers = self.__dict__.get("_ssf_registry")
+        if layers is None:  # e.g. a tuner restored by pickling from an older version
+            layers = [m for m in self.model.modules() if isinstance(m, SSFLayer)]
+        sites = []
+        for layer in layers:
+            if layer.merged_adapters or layer._disable_adapters:
+                continue
+            names = layer._active_adapter
+            active = [a for a in ((names,) if isinstance(names, str) else names) if a in layer.ssf_scale]
+            if len(active) == 1 and layer.ssf_fused.get(active[0], True):
+                sites.append((layer, active[0], layer.ssf_scale[active[0]]))
+        return sites
+
+    @contextmanager
+    def _training_forward(self):
+        """Check all scales once (see ``guard.py``), and pair residuals when training."""
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            yield
+            return
+        sites = self._fused_sites()
+        with guard.scale_guard(sites):
+            if not self._pairs_residuals():
+                yield
+                return
+            # which sites feed a residual add is found once (a forward watched whole), then only they are watched
+            key = tuple(id(layer) for layer, _, _ in sites)
+            known = self._residual_sites[1] if getattr(self, "_residual_sites", (None,))[0] == key else None
+            with residual.pairing(known) as mode:
+                yield
+            if known is None:
+                self._residual_sites = (key, frozenset(mode.paired_sites))
+            self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
+
     # ----- mixed-batch inference --------------------------------------------------------------------------------
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """Route ``model(x, adapter_names=[...])`` to every SSF layer and ``modules_to_save`` wrapper."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
-            if self._pairs_residuals():
-                with residual.pairing() as mode:
-                    yield
-                self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
-            else:
+            with self._training_forward():
                 yield
             return
-        if self.training:
-            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
-        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
-            raise TypeError("`adapter_names` must be a list with one adapter name (str) per input sample.")
-        known = set()
-        for _, layer in self._ssf_layers():
-            known |= set(layer.ssf_scale.keys())
-        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER} - known)
-        if unknown:
-            raise ValueError(
-                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known: {sorted(known)}."
-            )
+        self._check_mixed_batch(adapter_names, args, kwargs)
         handles = []
         for module in self.model.modules():
             if isinstance(module, (SSFLayer, AuxiliaryTrainingWrapper)):
@@ -250,3 +291,59 @@ class SSFModel(BaseTuner):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _check_mixed_batch(self, adapter_names: Any, args: tuple, kwargs: dict) -> None:
+        """PEFT's checks for ``adapter_names``, before any layer runs (with PEFT's messages)."""
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval().")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError("`adapter_names` must be a list with one adapter name (str) per input sample.")
+        inputs = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]
+        if inputs and len(inputs[0]) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(inputs[0])} respectively."
+            )
+        layers = self._ssf_layers()
+        if any(layer.merged for _, layer in layers):
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        known = set()
+        for _, layer in layers:
+            known |= set(layer.ssf_scale.keys())
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER} - known)
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known: {sorted(known)}."
+            )
+
+
+def _hooks_of(module: nn.Module) -> list[Any]:
+    """accelerate hooks attached to ``module`` (a ``SequentialHook`` unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return []
+    return list(getattr(hook, "hooks", None) or [hook])
+
+
+def unsupported_storage(module: nn.Module) -> Optional[str]:
+    """Why SSF cannot wrap ``module`` as a plain float op (quantized or offloaded weights), or None if it can.
+
+    SSF merges by rewriting weights in place and its inference fold calls the op's function directly, so it needs
+    real floating-point weights that live in the module.
+    """
+    cls = type(module)
+    if cls.__module__.split(".")[0] in ("bitsandbytes", "auto_gptq", "gptqmodel", "hqq", "awq", "optimum", "torchao"):
+        return f"it is a quantized layer ({cls.__module__}.{cls.__qualname__})"
+    if hasattr(module, "qweight") or hasattr(module, "W_q") or hasattr(module, "quant_state"):
+        return "its weights are quantized"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        if not (weight.dtype.is_floating_point or weight.dtype.is_complex):
+            return f"its weight is stored as {weight.dtype} (quantized)"
+        if type(weight).__module__.split(".")[0] == "bitsandbytes":
+            return f"its weight is a quantized {type(weight).__name__}"
+    if any(getattr(h, "offload", False) for h in _hooks_of(module)):
+        return "its weights are offloaded by accelerate (device_map with CPU or disk offload)"
+    return None

@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
+from .guard import RECONSTRUCT_MIN_SCALE, scales_reconstructible
 from .residual import KeptOutput, ResidualPairing
 
-# Below this magnitude dividing by the scale (to get the scale gradient from y) amplifies rounding noise.
-RECONSTRUCT_MIN_SCALE = 1e-3
+__all__ = ["RECONSTRUCT_MIN_SCALE", "scale_shift_fused", "scale_shift_naive"]
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -33,6 +33,57 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
     out = grad.sum(dim=dims, keepdim=True) if dims else grad
     return out.reshape(shape)
+
+
+def _refuse_higher_order() -> None:
+    """Backward runs with grad enabled only for ``create_graph=True``: the training ops' backward rebuilds values
+    instead of keeping a graph, so their second derivatives would be wrong. Say so instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "SSF's fused training op does not support higher-order gradients (backward with create_graph=True, "
+            "torch.autograd.grad(..., create_graph=True), double backward): its backward rebuilds values instead "
+            "of keeping the graph. Use SSFConfig(fused=False) for this model."
+        )
+
+
+def _channel_sums(
+    g: torch.Tensor, out: Optional[torch.Tensor], dims: list[int]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(sum(g), sum(g * out))`` over ``dims``, as float32 (or wider) per-channel vectors.
+
+    On CUDA the reductions read half-precision inputs and accumulate in float32 directly. On the CPU a reduction with
+    a wider ``dtype`` first copies its whole input to that dtype (several times slower), so half-precision inputs are
+    summed in their own dtype, with a float32 accumulator inside and the result rounded once, as autograd's own
+    reductions of the naive op under autocast are.
+    """
+    low = g.dtype in (torch.bfloat16, torch.float16)
+    if low and g.device.type == "cpu":
+        gsum = g.sum(dims).float()
+        gy = (g * out).sum(dims).float() if out is not None else None
+        return gsum, gy
+    wide = torch.promote_types(g.dtype, torch.float32)
+    gsum = g.sum(dims, dtype=wide)
+    gy = (g * out).sum(dims, dtype=torch.promote_types(wide, out.dtype)) if out is not None else None
+    return gsum, gy
+
+
+def _scale_shift_grads(
+    g: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    dims: list[int],
+    need_scale: bool,
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of ``scale`` and ``shift`` from the kept output: ``shift' = sum(g)``,
+    ``scale' = (sum(g * y) - shift * sum(g)) / scale`` (``h`` is never rebuilt). Shaped like ``scale``."""
+    gsum, gy = _channel_sums(g, out if need_scale else None, dims)
+    grad_scale = None
+    if need_scale:
+        if shift is not None:
+            gy = gy - shift.reshape(-1).to(gy.dtype) * gsum
+        grad_scale = (gy / scale.reshape(-1).to(gy.dtype)).to(scale.dtype).reshape(scale.shape)
+    return grad_scale, gsum
 
 
 def scale_shift_naive(h: torch.Tensor, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> torch.Tensor:
@@ -65,6 +116,7 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
+        _refuse_higher_order()
         if ctx.kept is not None:
             (scale, shift), act = ctx.saved_tensors, None
         else:
@@ -73,19 +125,18 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_h = grad_y * scale
         need_s, need_t = ctx.needs_input_grad[1], ctx.has_shift and ctx.needs_input_grad[2]
-        if need_t:
-            grad_t = _reduce_to(grad_y, shift.shape)
-        if need_s and not ctx.from_output:
-            grad_s = _reduce_to(grad_y * act, scale.shape)
-        elif need_s:
-            wide = torch.promote_types(grad_y.dtype, torch.float32)
-            y = ctx.kept.output(wide) if ctx.kept is not None else act.to(wide)
-            g = grad_y.to(wide)
-            gy = _reduce_to(g * y, scale.shape)
-            if shift is not None:
-                gsum = grad_t if grad_t is not None and grad_t.dtype == wide else _reduce_to(g, shift.shape)
-                gy = gy - shift.to(wide) * gsum
-            grad_s = (gy / scale.to(wide)).to(scale.dtype)
+        if not ctx.from_output:
+            if need_t:
+                grad_t = _reduce_to(grad_y, shift.shape)
+            if need_s:
+                grad_s = _reduce_to(grad_y * act, scale.shape)
+        elif need_s or need_t:
+            channel = grad_y.dim() - scale.dim()  # scale is [C] or [C, 1, ...]: its first axis is the channel
+            dims = [d for d in range(grad_y.dim()) if d != channel]
+            y = (ctx.kept.output(grad_y.dtype) if ctx.kept is not None else act) if need_s else None
+            grad_s, gsum = _scale_shift_grads(grad_y, y, scale, shift, dims, need_s)
+            if need_t:
+                grad_t = gsum.to(shift.dtype).reshape(shift.shape)
         return grad_h, grad_s, grad_t, None, None
 
 
@@ -96,22 +147,216 @@ def scale_shift_fused(
     *,
     from_output: Optional[bool] = None,
     mode: Optional[ResidualPairing] = None,
+    owner: object = None,
 ) -> torch.Tensor:
     """Memory-saving SSF op: same values and gradients as ``scale_shift_naive``, keeps its output instead of ``h``.
 
     Args:
         from_output: whether every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (so the output can stand in for ``h``);
-            computed here when None. Layers pass a cached value to avoid a device sync per forward.
-        mode: the active ``residual.ResidualPairing`` (float32 / float64 outputs only); the output is tracked so
-            that, if it meets a residual add, the op keeps the add's operands instead of its own output.
+            checked here when None (one host-device sync). Layers pass the answer of ``guard.scale_guard``.
+        mode: the active ``residual.ResidualPairing``; the output is tracked so that, if it meets a residual add
+            with a float32 / float64 result, the op keeps the add's operands instead of its own output.
+        owner: the SSF layer calling (recorded by the pairing mode to find residual sites).
     """
     if from_output is None:
-        from_output = bool((scale.detach().abs() >= RECONSTRUCT_MIN_SCALE).all())
-    if mode is not None and (not from_output or h.dtype not in (torch.float32, torch.float64)):
+        from_output = scales_reconstructible([scale])[0]
+    if not from_output:
         mode = None
     y = _ScaleShiftSaveOutput.apply(h, scale, shift, from_output, mode)
     if mode is not None and y.grad_fn is not None:
         kept = getattr(y.grad_fn, "kept", None)
         if kept is not None:
-            mode.track(y, kept)
+            mode.track(y, kept, owner)
     return y
+
+
+# ----- SSF folded into a frozen Linear / Conv ---------------------------------------------------------------------
+def _low_precision(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type`` (None otherwise)."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+class _FoldedScaleShift(torch.autograd.Function):
+    """``y = op(x, scale * W, scale * b + shift)`` for a frozen Linear / Conv ``op``: SSF costs no activation pass.
+
+    Forward folds the per-channel scale and shift into the weight and bias before the GEMM / convolution (a pass over
+    the weight instead of one over the output). Backward gets the input gradient from the same folded weight (so
+    ``grad * scale`` is never formed either), and the scale / shift gradients from the kept output ``y`` as in
+    ``_ScaleShiftSaveOutput``: ``shift' = sum(g)``, ``scale' = (sum(g * y) - shift * sum(g)) / scale``, reduced over
+    every axis but the channel axis, accumulated in at least float32.
+
+    Under autocast the inputs are cast to the autocast dtype here (as autocast would), and the cast folded weight is
+    kept for backward, exactly as autocast keeps the cast weight of a frozen op; in float32 nothing weight-sized is
+    kept and backward refolds the weight (or scales the gradient, whichever is smaller).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, site, mode):  # type: ignore[override]
+        dtype = weight.dtype
+        scale_w = scale if scale.dtype == dtype else scale.to(dtype)
+        low = _low_precision(x.device.type)
+        if low is not None and dtype != low:  # fold and cast in one pass, as autocast would cast the weight
+            w = torch.mul(weight, scale_w.view(site.weight_shape), out=torch.empty_like(weight, dtype=low))
+        else:
+            w = weight * scale_w.view(site.weight_shape)
+        b = None
+        if bias is not None:
+            if shift is None:
+                b = bias * scale_w
+            else:
+                b = torch.addcmul(shift if shift.dtype == dtype else shift.to(dtype), bias, scale_w)
+        elif shift is not None:
+            b = shift if shift.dtype == dtype else shift.to(dtype)
+        if low is not None and dtype != low and b is not None:
+            b = b.to(low)
+        y = site.run(x, w, b)  # under autocast the op casts x; w and b are already in its dtype
+        ctx.site, ctx.has_shift, ctx.x_shape = site, shift is not None, x.shape
+        ctx.kept = KeptOutput(y) if mode is not None else None
+        kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
+        ctx.save_for_backward(None if mode is not None else y, weight, kept_w, scale, shift)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        _refuse_higher_order()
+        y, weight, kept_w, scale, shift = ctx.saved_tensors
+        site = ctx.site
+        grad_x = grad_scale = grad_shift = None
+        if ctx.needs_input_grad[0]:
+            if kept_w is not None:
+                grad_x = site.input_grad(g, kept_w, ctx.x_shape)
+            elif weight.numel() <= g.numel():
+                grad_x = site.input_grad(g, weight * scale.to(weight.dtype).view(site.weight_shape), ctx.x_shape)
+            else:
+                grad_x = site.input_grad(g * scale.to(g.dtype).view(site.out_shape(g.dim())), weight, ctx.x_shape)
+        need_scale = ctx.needs_input_grad[3]
+        need_shift = ctx.has_shift and ctx.needs_input_grad[4]
+        if need_scale or need_shift:
+            out = (ctx.kept.output(g.dtype) if ctx.kept is not None else y) if need_scale else None
+            grad_scale, gsum = _scale_shift_grads(g, out, scale, shift, site.reduce_dims(g.dim()), need_scale)
+            if need_shift:
+                grad_shift = gsum.to(shift.dtype)
+        return grad_x, None, None, grad_scale, grad_shift, None, None
+
+
+class FoldSite:
+    """How one frozen op is run, differentiated and reduced for ``_FoldedScaleShift`` (Linear or ConvNd)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.is_linear = isinstance(module, torch.nn.Linear)
+        self.out_channels = module.weight.shape[0]
+        # the scale multiplies output channels: rows of a Linear weight, the first axis of a conv kernel
+        self.weight_shape = (-1, 1) if self.is_linear else (-1,) + (1,) * (module.weight.dim() - 1)
+
+    def run(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.is_linear:
+            return torch.nn.functional.linear(x, w, b)
+        return self.module._conv_forward(x, w, b)
+
+    def input_grad(self, g: torch.Tensor, w: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+        if self.is_linear:  # as a 2-D product: matmul on a non-contiguous N-D gradient would expand the weight
+            out = g.reshape(-1, g.shape[-1]).mm(w.to(g.dtype))
+            return out.view(*g.shape[:-1], out.shape[-1])
+        m = self.module
+        conv_input = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+        return conv_input[w.dim() - 2](x_shape, w.to(g.dtype), g, m.stride, m.padding, m.dilation, m.groups)
+
+    def reduce_dims(self, ndim: int) -> list[int]:
+        channel = ndim - 1 if self.is_linear else 1
+        return [d for d in range(ndim) if d != channel]
+
+    def out_shape(self, ndim: int) -> list[int]:
+        return [-1] if self.is_linear else [-1] + [1] * (ndim - 2)
+
+    @staticmethod
+    def supports(module: torch.nn.Module) -> bool:
+        """Exact nn.Linear / ConvNd types, zero padding mode and numeric padding, no accelerate hook (the caller
+        checks that the weights are frozen)."""
+        if type(module) not in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d):
+            return False
+        if "_hf_hook" in module.__dict__:
+            return False
+        if isinstance(module, torch.nn.Linear):
+            return True
+        return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+
+def folded_scale_shift(
+    x: torch.Tensor,
+    site: FoldSite,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    mode: Optional[ResidualPairing] = None,
+    owner: object = None,
+) -> torch.Tensor:
+    """SSF on a frozen Linear / Conv with the scale and shift folded into its weight (see ``_FoldedScaleShift``).
+
+    Same values as ``scale_shift_naive(op(x), scale, shift)`` up to rounding, same gradients as the naive op for
+    ``x``, ``scale`` and ``shift``. Requires every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (the caller checks);
+    ``scale`` / ``shift`` are the raw ``[C]`` parameters.
+    """
+    m = site.module
+    y = _FoldedScaleShift.apply(x, m.weight, m.bias, scale, shift, site, mode)
+    if mode is not None and y.grad_fn is not None:
+        kept = getattr(y.grad_fn, "kept", None)
+        if kept is not None:
+            mode.track(y, kept, owner)
+    return y
+
+
+# ----- SSF folded into a half-precision LayerNorm ----------------------------------------------------------------
+class _FoldedLayerNorm(torch.autograd.Function):
+    """``LayerNorm(x; weight * scale, bias * scale + shift)`` for a half-precision (bf16 / fp16) model.
+
+    Folding SSF into the norm's affine parameters keeps nothing beyond what the norm keeps anyway. But the CPU
+    LayerNorm backward computes its parameter gradients in half precision with errors of about 2% (a plain sum of the
+    same gradient is 0.2%), so backward here takes only the input gradient from the norm's kernel and computes the
+    parameter sums itself with a float32 accumulator, from ``x``, ``mean`` and ``rstd`` that the norm keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, shift, normalized_shape, eps):  # type: ignore[override]
+        s = scale.to(weight.dtype)
+        w = weight * s
+        b = None
+        if bias is not None:
+            b = bias * s if shift is None else bias * s + shift.to(bias.dtype)
+        elif shift is not None:
+            b = shift.to(weight.dtype)
+        y, mean, rstd = torch.native_layer_norm(x, normalized_shape, w, b, eps)
+        ctx.normalized_shape, ctx.has_shift = normalized_shape, shift is not None
+        ctx.save_for_backward(x, mean, rstd, w, b, weight, bias, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        _refuse_higher_order()
+        x, mean, rstd, w, b, weight, bias, scale = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                g, x, ctx.normalized_shape, mean, rstd, w, b, [True, False, False]
+            )[0]
+        need_scale, need_shift = ctx.needs_input_grad[3], ctx.has_shift and ctx.needs_input_grad[4]
+        grad_scale = grad_shift = None
+        if need_scale or need_shift:
+            dims = list(range(g.dim() - len(ctx.normalized_shape)))
+            g32 = g.float()
+            gb = g32.sum(dims)
+            grad_shift = gb.to(scale.dtype) if need_shift else None
+            if need_scale:
+                xhat = (x.float() - mean.float()) * rstd.float()
+                gw = (g32 * xhat).sum(dims)
+                grad = gw * weight.float() + (gb * bias.float() if bias is not None else 0.0)
+                grad_scale = grad.to(scale.dtype)
+        return grad_x, None, None, grad_scale, grad_shift, None, None
+
+
+def folded_layer_norm(
+    x: torch.Tensor, norm: torch.nn.LayerNorm, scale: torch.Tensor, shift: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """SSF folded into a frozen half-precision ``nn.LayerNorm`` with float32-accurate parameter gradients."""
+    return _FoldedLayerNorm.apply(x, norm.weight, norm.bias, scale, shift, tuple(norm.normalized_shape), norm.eps)

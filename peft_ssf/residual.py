@@ -33,6 +33,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _ADD_NAMES = frozenset({"add", "__add__", "__radd__"})
+_MUL_NAMES = frozenset({"mul", "__mul__", "__rmul__"})
+#: a frozen per-channel multiplier (ConvNeXt's layer scale) is undone by division when all its |entries| reach this
+LAYER_SCALE_MIN = 1e-2
+_MULTIPLIER_OK: dict[tuple[int, int, int], bool] = {}
 _SHUFFLE_NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "contiguous", "permute", "transpose", "roll"})
 _PAIRABLE_DTYPES = (torch.float32, torch.float64)
 
@@ -61,8 +65,9 @@ class KeptOutput:
         self.inverses = inverses
         self.y = None
 
-    def output(self, dtype: torch.dtype) -> torch.Tensor:
-        """``y`` in ``dtype`` (rebuilt if paired); raises if a tensor it needs was modified in place."""
+    def output(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``y`` in ``dtype`` (rebuilt if paired; None: as kept, or in the residual stream's dtype when rebuilt);
+        raises if a tensor it needs was modified in place."""
         tensors = (self.y,) if self.pair is None else self.pair
         if tuple(t._version for t in tensors) != self.versions:
             raise RuntimeError(
@@ -72,12 +77,12 @@ class KeptOutput:
                    "for models that update their residual stream in place.")
             )
         if self.pair is None:
-            return self.y.to(dtype)
+            return self.y if dtype is None else self.y.to(dtype)
         r, z = self.pair
-        d = z.to(dtype) - r.to(dtype)
+        d = z - r  # in the residual stream's own (float32 / float64) precision, then cast
         for inverse in reversed(self.inverses):
             d = inverse(d)
-        return d
+        return d if dtype is None else d.to(dtype)
 
 
 def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Optional[Callable]:
@@ -107,16 +112,67 @@ def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Opti
 
 
 class ResidualPairing(TorchFunctionMode):
-    """Pairs tracked SSF outputs with the residual add they feed (see the module docstring)."""
+    """Pairs tracked SSF outputs with the residual add they feed (see the module docstring).
 
-    def __init__(self) -> None:
+    A Python ``__torch_function__`` costs microseconds per torch call, so the mode is only active where it can pair:
+    in a *discovery* forward (``sites=None``) it watches the whole forward and records which sites paired; later
+    forwards pass those sites, and the mode is entered when such a site produces its output and left at the next
+    site once nothing is pending (typically two intercepted calls per site: a dropout and the add).
+    """
+
+    def __init__(self, sites: Optional[frozenset[int]] = None) -> None:
         super().__init__()
-        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple]] = {}
+        self.sites = sites
+        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int]] = {}
         self.paired = 0
+        self.entered = False  # scoped mode: currently on the torch-function mode stack
+        # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z
+        self.norm_inputs: dict[int, weakref.ref] = {}
+        self.candidates: list[tuple[int, weakref.ref, weakref.ref]] = []
 
-    def track(self, y: torch.Tensor, record: KeptOutput) -> None:
+    def wants(self, layer: object) -> bool:
+        """Whether ``layer``'s output should be tracked this forward."""
+        return self.sites is None or id(layer) in self.sites
+
+    def track(self, y: torch.Tensor, record: KeptOutput, layer: object = None) -> None:
         """Follow ``y`` (an SSF output whose op keeps ``record``) until it meets a residual add."""
-        self.pending[id(y)] = (weakref.ref(y), record, ())
+        self.pending[id(y)] = (weakref.ref(y), record, (), id(layer))
+        if self.sites is not None and not self.entered:
+            self.__enter__()
+            self.entered = True
+
+    def norm_input(self, x: torch.Tensor) -> None:
+        """A norm site (which keeps its input for backward) received ``x``: pairing with it costs nothing."""
+        if self.sites is None:
+            self.norm_inputs[id(x)] = weakref.ref(x)
+
+    def _kept_by_a_norm(self, ref: weakref.ref) -> bool:
+        t = ref()
+        known = self.norm_inputs.get(id(t)) if t is not None else None
+        return known is not None and known() is t
+
+    @property
+    def paired_sites(self) -> frozenset[int]:
+        """Sites worth pairing: both tensors they keep instead of their output (the add's operand ``r`` and result
+        ``z``) are inputs of norm sites, which keep them anyway (pre-norm blocks: ViT, Swin, DINOv2, BEiT). Where
+        they are not (ConvNeXt's block input feeds a depthwise conv, which keeps its output), pairing would keep two
+        tensors instead of one, so later forwards leave those sites unpaired."""
+        return frozenset(site for site, r, z in self.candidates if self._kept_by_a_norm(r) and self._kept_by_a_norm(z))
+
+    def site_starts(self) -> None:
+        """An SSF site begins its forward: leave a scoped mode once nothing is left to pair."""
+        if not self.entered:
+            return
+        for key in [k for k, entry in self.pending.items() if entry[0]() is None]:
+            del self.pending[key]
+        if not self.pending:
+            self.leave()
+
+    def leave(self) -> None:
+        """Pop a scoped mode (only from the top of the stack: another mode pushed since stays intact)."""
+        if self.entered and _top_torch_function_mode() is self:
+            self.__exit__(None, None, None)
+            self.entered = False
 
     def _entry(self, t: Any) -> Optional[tuple[weakref.ref, KeptOutput, tuple]]:
         entry = self.pending.get(id(t)) if isinstance(t, torch.Tensor) else None
@@ -136,14 +192,60 @@ class ResidualPairing(TorchFunctionMode):
                         entry[1].pair_with(r, out, entry[2])
                         del self.pending[id(y)]
                         self.paired += 1
+                        if self.sites is None:
+                            self.candidates.append((entry[3], weakref.ref(r), weakref.ref(out)))
                         break
         elif name in _SHUFFLE_NAMES and out is not args[0]:
             entry = self._entry(args[0])
             if entry is not None:
                 inverse = _inverse_of(func, args, kwargs, args[0])
                 if inverse is not None:
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,))
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+        elif name in _MUL_NAMES and len(args) == 2 and not kwargs:
+            for y, m in ((args[0], args[1]), (args[1], args[0])):
+                entry = self._entry(y)
+                if entry is not None and out.shape == y.shape and _frozen_multiplier(m, y):
+                    inverse = _divide_by(m)
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+                    break
         return out
+
+
+def _frozen_multiplier(m: Any, y: torch.Tensor) -> bool:
+    """Whether ``y * m`` can be undone by division: ``m`` a frozen per-channel vector along ``y``'s last axis (or a
+    frozen scalar) with every ``|entry| >= LAYER_SCALE_MIN``.
+
+    A rebuilt ``y = (z - r) / m`` carries the rounding of ``z`` divided by ``m``, but the gradient reaching ``y`` is
+    ``m`` times the one reaching ``z``, so the error in the scale gradient is the same as for an unscaled residual;
+    the floor on ``|m|`` keeps the rebuilt values themselves meaningful (a layer scale at its 1e-6 initial value is
+    not paired). The check reads ``m`` once per storage and version: frozen weights do not change between steps.
+    """
+    if not isinstance(m, torch.Tensor) or m.requires_grad or not m.is_floating_point():
+        return False
+    if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != y.shape[-1]):
+        return False
+    key = (id(m), m.data_ptr(), m._version)
+    ok = _MULTIPLIER_OK.get(key)
+    if ok is None:
+        ok = bool(m.detach().abs().min() >= LAYER_SCALE_MIN) if m.numel() else False
+        if len(_MULTIPLIER_OK) > 4096:
+            _MULTIPLIER_OK.clear()
+        _MULTIPLIER_OK[key] = ok
+    return ok
+
+
+def _divide_by(m: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    frozen, version = m.detach(), m._version
+
+    def inverse(d: torch.Tensor) -> torch.Tensor:
+        if frozen._version != version:
+            raise RuntimeError(
+                "SSF: a per-channel multiplier (layer scale) between this site and its residual add was modified "
+                "in place after the forward pass. Set SSFConfig(pair_residuals=False) for this model."
+            )
+        return d / frozen
+
+    return inverse
 
 
 def active() -> Optional[ResidualPairing]:
@@ -180,18 +282,32 @@ def hooks_only_observe() -> Iterator[None]:
         _LOCAL.observing = before
 
 
+def _top_torch_function_mode() -> Any:
+    depth = torch._C._len_torch_function_stack()
+    return torch._C._get_function_stack_at(depth - 1) if depth else None
+
+
 @contextmanager
-def pairing() -> Iterator[ResidualPairing]:
-    """Enable residual pairing for the forward passes run inside (one training forward at a time)."""
+def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]:
+    """Enable residual pairing for the forward passes run inside (one training forward at a time).
+
+    Args:
+        sites: ids of the SSF layers whose output fed a residual add in an earlier forward of this model (the mode
+            is then entered only around them); None watches the whole forward to find them (``paired_sites``).
+    """
     outer = getattr(_LOCAL, "mode", None)
     if outer is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both
         yield outer
         return
-    mode = ResidualPairing()
+    mode = ResidualPairing(sites)
     _LOCAL.mode = mode
     try:
-        with mode:
+        if sites is None:
+            with mode:
+                yield mode
+        else:
             yield mode
     finally:
         _LOCAL.mode = None
+        mode.leave()
         mode.pending.clear()

@@ -321,8 +321,6 @@ def test_normalization_is_applied_exactly_once_and_resolved_in_order(tmp_path):
     loaded = ViTForImageClassification.from_pretrained(tmp_path)
     norm = resolve_normalization(loaded)
     assert norm.mean == (0.3, 0.3, 0.3) and norm.std == (0.7, 0.7, 0.7)
-    with pytest.warns(UserWarning, match="no input normalisation"):
-        assert resolve_normalization(tiny_vit()).source == "none"
     with pytest.raises(ValueError):
         resolve_normalization(vit, mean=0.5)
 
@@ -612,10 +610,17 @@ def test_cli_end_to_end(tmp_path, capsys):
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert data["finetuned"] == ["full"] and data["layers"] == ["block1", "final"]
     assert data["settings"]["size"] == 16 and data["settings"]["n_images"] == 5
+    protocol = data["settings"]["protocol"]
+    assert protocol["protocol"] == "cached" and not protocol["fresh_noise_per_cell"]
+    assert protocol["overrides"] == {"n": 5, "steps": 3}
     assert "retention" in capsys.readouterr().out
     # a non-empty --out is refused unless --overwrite
     assert run_analyze(parser.parse_args(argv)) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # no preprocessor_config.json and no --mean / --std: a usage error that says what to pass
+    no_norm = [a for a in argv if a not in ("--mean", "--std", "0.5")]
+    assert run_analyze(parser.parse_args([*no_norm, "--overwrite"])) == 2
+    assert "--mean and --std" in capsys.readouterr().err
     assert run_analyze(parser.parse_args([*argv, "--overwrite"])) == 0
 
 
@@ -634,3 +639,284 @@ def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
     x = images(2)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=x).logits, expected(pixel_values=x).logits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 16: faithful protocol, noise floor, eval mode, half precision, Hub normalisation, NaN summary, device Grams,
+# stale inversion cache. New names are imported inside the tests so that each test fails on its own on older code.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _analyze_parser():
+    import argparse
+
+    from peft_ssf.analysis.cli import add_analyze_arguments
+
+    parser = argparse.ArgumentParser()
+    add_analyze_arguments(parser)
+    return parser
+
+
+def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tmp_path, capsys):
+    from peft_ssf.analysis.cli import run_analyze
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full")
+    _write_images(tmp_path / "imgs", 6, size=(24, 20))
+    argv = [
+        "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full"), "--images",
+        str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--faithful", "--n", "5", "--steps", "2",
+        "--layers", "block1", "final", "--mean", "0.5", "--std", "0.5", "--no-reverse", "--no-within",
+        "--no-plots", "--quiet",
+    ]  # fmt: skip
+    assert run_analyze(_analyze_parser().parse_args(argv)) == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    settings = data["settings"]
+    assert settings["fresh_noise_per_cell"] is True
+    # R only, 2 layers, fresh noise: one inversion per cell (the cached estimator would run 2)
+    assert data["inversions"]["performed"] == data["inversions"]["without_cache"] == 4
+    assert settings["estimator"].startswith("fresh noise per cell")
+    assert settings["protocol"] == {
+        "protocol": "faithful", "n": 5, "steps": 2, "step_size": 0.5, "size": 16, "fresh_noise_per_cell": True,
+        "overrides": {"n": 5, "steps": 2},
+    }  # fmt: skip
+    assert settings["faithful"] is False  # overridden settings are not called faithful
+    assert "protocol faithful (overrides: n=5, steps=2)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _analyze_parser().parse_args([*argv, "--protocol", "bogus"])
+    assert run_analyze(_analyze_parser().parse_args([*argv, "--overwrite", "--protocol", "cached"])) == 2
+
+    # what --faithful sets, and where it says so
+    from peft_ssf.analysis.protocol import FAITHFUL
+
+    assert FAITHFUL.resolve(None) == {
+        "protocol": "faithful", "n": 500, "steps": 500, "step_size": 0.5, "size": 224,
+        "fresh_noise_per_cell": True, "overrides": {},
+    }  # fmt: skip
+    assert FAITHFUL.resolve(384)["n"] == 100
+    help_text = " ".join(_analyze_parser().format_help().split())
+    assert "fresh noise per STIR cell" in help_text and "n=500" in help_text and "500 steps of 0.5" in help_text
+
+
+def test_report_carries_a_per_layer_noise_baseline(small_report, tmp_path):
+    pretrained, finetuned, x, report = small_report
+    assert set(report.noise_baseline) == {"pretrained", "near", "far"}
+    from peft_ssf.analysis import noise_baseline, noise_images
+
+    noise = noise_images(x.shape[1:], x.shape[0], seed=0)
+    assert float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0
+    clean_feats = layer_representations(finetuned["near"], (x - 0.5) / 0.5)
+    noise_feats = layer_representations(finetuned["near"], (noise - 0.5) / 0.5)
+    for k, layer in enumerate(report.layers):
+        expected = linear_cka(clean_feats[layer], noise_feats[layer])
+        assert report.noise_baseline["near"][k] == pytest.approx(expected, abs=1e-12)
+    direct = noise_baseline(finetuned["near"], x, **NORM)
+    assert list(direct.values()) == pytest.approx(report.noise_baseline["near"], abs=1e-12)
+    # in the JSON, the CSV, the summary and on the heatmaps
+    assert report.to_dict()["noise_baseline"]["far"] == pytest.approx(report.noise_baseline["far"])
+    assert "noise floor" in report.summary()
+    report.save(tmp_path / "out", plots=False)
+    lines = (tmp_path / "out" / "noise_baseline.csv").read_text().strip().splitlines()
+    assert lines[0].split(",")[1:] == ["pretrained", "near", "far"] and len(lines) == 1 + len(report.layers)
+    pytest.importorskip("matplotlib")
+    r_fig = report.figure("R", "near")  # evaluated layer along the columns: floor as an extra row
+    assert [t.get_text() for t in r_fig.axes[0].get_yticklabels()][-1] == "noise floor"
+    w_fig = report.figure("W", "far")  # evaluated layer along the rows: floor as an extra column
+    assert [t.get_text() for t in w_fig.axes[0].get_xticklabels()][-1] == "noise floor"
+
+
+def test_representations_run_in_eval_mode_and_restore_the_callers_mode():
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=3, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5,
+    )  # fmt: skip
+    model = ViTForImageClassification(cfg).train()
+    model.vit.layers[0].eval()  # a mixed state, to be restored exactly
+    before = [m.training for m in model.modules()]
+    x = images(3)
+    a = layer_representations(model, x)
+    b = layer_representations(model, x)
+    reference = layer_representations(copy.deepcopy(model).eval(), x)
+    for name in a:
+        assert torch.equal(a[name], b[name]) and torch.equal(a[name], reference[name]), name
+    with torch.no_grad():
+        assert torch.equal(forward_to_layer(model, x, "block1"), forward_to_layer(model, x, "block1"))
+        assert torch.equal(forward_to_layer(model, x, "block1"), a["block1"])
+    assert [m.training for m in model.modules()] == before
+
+
+def test_half_precision_features_are_promoted_before_the_gram():
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis.cka import center_gram
+
+    model = tiny_vit().to(torch.bfloat16)
+    x = images(5)
+    pixels = ((x - 0.5) / 0.5).to(torch.bfloat16)
+    reps = layer_representations(model, pixels, ["block0", "final"], tokens="mean")
+    assert reps["block0"].dtype == torch.float32 and reps["final"].dtype == torch.float32
+    with torch.no_grad():
+        hidden = model.vit(pixels, output_hidden_states=True).hidden_states[1]
+    assert torch.equal(reps["block0"], hidden.float().mean(dim=1))  # the token mean is not taken in bf16
+    grams = representation_grams(
+        model, x, ["block0"], tokens="mean", normalization=Normalization((0.5,), (0.5,), "test")
+    )
+    feats = hidden.float().mean(dim=1).double()
+    torch.testing.assert_close(grams["block0"], center_gram(feats @ feats.T), rtol=1e-12, atol=1e-12)
+
+
+def _fake_hub_cache(root, repo_id: str, preprocessor: dict) -> None:
+    """A local Hugging Face cache holding one model repo snapshot with a preprocessor_config.json."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hub_id_models_resolve_their_processor_offline_or_raise(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    _fake_hub_cache(tmp_path / "hub", "someone/cached-vit", {"image_mean": [0.1] * 3, "image_std": [0.2] * 3})
+    vit = tiny_vit()
+    vit.config._name_or_path = "someone/cached-vit"
+    norm = resolve_normalization(vit)
+    assert norm.mean == (0.1,) * 3 and norm.std == (0.2,) * 3 and "someone--cached-vit" in norm.source
+    # a Hub id that is not in the cache: a clear error, unless mean / std are given
+    vit.config._name_or_path = "someone/not-cached-vit"
+    with pytest.raises(ValueError, match=r"someone/not-cached-vit.*offline.*mean="):
+        resolve_normalization(vit)
+    with pytest.raises(ValueError, match="mean="):
+        compare(vit, copy.deepcopy(vit), images(4), steps=1, progress=False)
+    assert resolve_normalization(vit, mean=0.5, std=0.5).source == "argument"
+    # a local folder without preprocessor_config.json, and a model built from a config: no silent identity
+    tiny_vit().save_pretrained(tmp_path / "local")
+    with pytest.raises(ValueError, match="no preprocessor_config.json"):
+        resolve_normalization(ViTForImageClassification.from_pretrained(tmp_path / "local"))
+    with pytest.raises(ValueError, match="built from a config"):
+        resolve_normalization(tiny_vit())
+    with pytest.raises(ValueError, match="no Hugging Face config"):
+        resolve_normalization(_Identity())
+
+
+def test_summary_prints_nan_for_an_all_nan_row(small_report):
+    report = copy.deepcopy(small_report[3])
+    report.R["near"][1] = math.nan
+    lines = report.summary().splitlines()
+    row = next(line for line in lines if line.strip().startswith("block1:"))
+    assert row.count("nan") >= 2  # retention and best value
+    comp = report.compression()["near"][1]
+    assert comp["best_layer"] is None and comp["best_value"] is None and comp["shift"] is None
+    assert json.dumps(report.to_dict())  # still serialisable
+
+
+def test_representation_grams_on_the_cpu_are_float64_exact():
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis.cka import center_gram
+
+    model = tiny_vit()
+    x = images(6)
+    norm = Normalization((0.5,), (0.5,), "test")
+    grams = representation_grams(model, x, ["block0", "final"], normalization=norm)
+    feats = layer_representations(model, norm(x), ["block0", "final"])
+    for name, f in feats.items():
+        f = f.double()
+        assert grams[name].dtype == torch.float64 and grams[name].device.type == "cpu"
+        assert torch.equal(grams[name], center_gram(f @ f.T)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grams_are_built_on_the_model_device_and_match_cpu_float64(monkeypatch):
+    from peft_ssf.analysis import representation_grams
+    from peft_ssf.analysis import stir as stir_module
+    from peft_ssf.analysis.cka import center_gram
+
+    seen = []
+    real = stir_module.gram_linear
+    monkeypatch.setattr(stir_module, "gram_linear", lambda x: seen.append(x.device) or real(x))
+    model = tiny_vit().cuda()
+    x = images(6)
+    norm = Normalization((0.5,), (0.5,), "test")
+    grams = representation_grams(model, x, ["block0", "final"], normalization=norm)
+    assert seen and all(d.type == "cuda" for d in seen)
+    feats = layer_representations(model, norm(x.cuda()), ["block0", "final"])  # same device features, on the CPU
+    for name, f in feats.items():
+        f = f.double()
+        assert grams[name].device.type == "cpu"
+        torch.testing.assert_close(grams[name], center_gram(f @ f.T), rtol=1e-12, atol=1e-9)
+
+
+def test_inversion_cache_notices_in_place_changes_even_without_version_bumps():
+    model = tiny_vit()
+    x = images(5)
+    cache = InversionCache()
+    kw = dict(steps=3, batch_size=5, progress=False, **NORM)
+    first = cache.invert(model, "block0", x, **kw)
+    assert cache.invert(model, "block0", x, **kw) is first and cache.performed == 1
+    # a write through .data does not bump the version counter
+    weight = model.vit.embeddings.patch_embeddings.projection.weight
+    version = weight._version
+    weight.data.mul_(1.5)
+    assert weight._version == version
+    second = cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 2 and getattr(cache, "stale", 1) == 1
+    assert not torch.equal(second.inputs, first.inputs)
+    torch.testing.assert_close(second.inputs, invert(model, "block0", x, **kw).inputs, rtol=0, atol=0)
+    # a fused AdamW step (the Trainer default) does not bump version counters either
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    model(pixel_values=x).logits.sum().backward()
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions
+    cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 3
+    assert cache.invert(model, "block0", x, **kw) is not None and cache.performed == 3  # unchanged: served
+    with torch.no_grad():
+        x.mul_(0.5)  # the images changed in place
+    cache.invert(model, "block0", x, **kw)
+    assert cache.performed == 4
+
+
+def test_analysis_functions_are_short_or_say_why():
+    """Readable units: no function body (after its docstring) over 60 lines unless its docstring says why."""
+    import ast
+    from pathlib import Path
+
+    import peft_ssf.analysis
+
+    long = []
+    for file in sorted(Path(peft_ssf.analysis.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                first = node.body[1] if doc is not None and len(node.body) > 1 else node.body[0]
+                if node.end_lineno - first.lineno + 1 > 60 and "long because" not in (doc or "").lower():
+                    long.append(f"{file.name}:{node.name}")
+    assert long == []
+
+
+def test_example_script_runs_end_to_end_and_reports_noise_floors(tmp_path, small_report):
+    """examples/analyze_finetuning.py with minimal settings (the README runs it at full size)."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "analyze_finetuning.py"
+    argv = ["--out", str(tmp_path / "report"), "--n", "6", "--steps", "2", "--pretrain-steps", "2",
+            "--finetune-steps", "2", "--quiet"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "noise floor CKA(M_l(X), M_l(noise)) of full" in done.stdout
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["noise_baseline"]["full"]
+    spec = importlib.util.spec_from_file_location("analyze_finetuning", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    report = small_report[3]
+    assert example.estimator_difference(report, report).count("max 0.000, mean 0.000") == 3

@@ -1,30 +1,29 @@
-"""The benchmark scripts run (``--quick``: tiny configs) and write well-formed results. No timing assertions."""
+"""The benchmark scripts run (``--quick``: tiny configs) and write well-formed results. No timing assertions.
+
+Only each script's command-line entry point (``main(argv)``) is used, as ``python -m benchmarks.NAME`` would.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
+from benchmarks import docs, inference_latency, merge_time, scaling, train_cost
 
-import common  # noqa: E402
-import inference_latency  # noqa: E402
-import merge_time  # noqa: E402
-import scaling  # noqa: E402
-import train_cost  # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--quick", "--threads", "1"]
+SSF_VARIANTS = ["ssf_naive", "ssf_unpaired", "ssf_fused"]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     args = [*QUICK, "--out", str(out)]
-    methods = ["floor", "lora", *common.SSF_VARIANTS]
+    methods = ["floor", "lora", *SSF_VARIANTS]
     train_cost.main([*args, "--families", "vit", "--methods", *methods, "--warmup", "0"])
     inference_latency.main([*args, "--families", "vit", "--batches", "2", "--warmup", "0", "--repeats", "1"])
     merge_time.main([*args, "--families", "vit"])
@@ -81,23 +80,29 @@ def test_merge_and_scaling_json(results: Path) -> None:
     assert all(r["methods"]["floor"]["ratio_saved"] == 1.0 for r in rows)
 
 
-def test_readme_section_is_rendered_from_results(results: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = (results / "README_performance.md").read_text()
-    assert text.count("**") >= 8 and "## Performance" in text and "SSF fused + residual pairing (default)" in text
-    train_cost.main(["--markdown", "--out", str(results)])
-    assert capsys.readouterr().out.strip() == text.strip()
-    assert "No benchmark results yet" in common.render_readme_section(results / "empty")
+def test_runs_write_only_their_results_files(results: Path) -> None:
+    names = {p.name for p in results.iterdir()}
+    assert names == {f"{n}.{ext}" for n in ("train_cost", "inference_latency", "merge_time", "scaling")
+                     for ext in ("json", "md")}
 
 
-def test_readme_block_between_markers_is_replaced(tmp_path: Path) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{common.README_START}\nold numbers\n{common.README_END}\n\nrest\n")
-    assert common.update_readme(["| a |", "| b |"], readme)
-    text = readme.read_text()
-    assert "old numbers" not in text and "| a |\n\n| b |" in text and text.endswith("rest\n")
-    (tmp_path / "plain.md").write_text("no markers\n")
-    assert not common.update_readme(["| a |"], tmp_path / "plain.md")
-    assert (tmp_path / "plain.md").read_text() == "no markers\n"
+def test_benchmarks_run_as_modules_without_path_tricks() -> None:
+    res = subprocess.run([sys.executable, "-m", "benchmarks.train_cost", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "--quick" in res.stdout, res.stderr[-2000:]
+
+
+def test_readme_generated_blocks_are_current() -> None:
+    """README.md and README_performance.md equal what `make docs` renders from the committed results files."""
+    assert docs.main(["--check"]) == 0
+
+
+def test_splice_replaces_only_the_named_block() -> None:
+    text = "# x\n\n<!-- a:start (generated) -->\nold\n<!-- a:end -->\n\n<!-- b:start -->\nkeep\n<!-- b:end -->\n"
+    new = docs.splice(text, "a", "| new |")
+    assert "old" not in new and "<!-- a:start (generated) -->\n| new |\n<!-- a:end -->" in new and "keep" in new
+    with pytest.raises(docs.DocsError, match="no <!-- c:start"):
+        docs.splice(text, "c", "x")
 
 
 def test_runs_made_in_parallel_can_be_combined(results: Path, tmp_path: Path) -> None:
@@ -106,4 +111,15 @@ def test_runs_made_in_parallel_can_be_combined(results: Path, tmp_path: Path) ->
     combined = _load(out, "train_cost")
     assert list(combined["runs"]) == ["vit"]
     assert combined["runs"]["vit"]["methods"] == _load(results, "train_cost")["runs"]["vit"]["methods"]
-    assert "SSF fused + residual pairing (default)" in (out / "README_performance.md").read_text()
+    assert "SSF fused + residual pairing (default)" in (out / "train_cost.md").read_text()
+
+
+def test_gpu_benchmark_refuses_without_cuda(capsys) -> None:
+    import torch
+
+    from benchmarks import gpu_train
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the script would run for minutes")
+    assert gpu_train.main(["--families", "vit"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

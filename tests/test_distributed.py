@@ -62,3 +62,24 @@ def test_two_processes_match_each_other_and_one_process_with_double_batch(strate
     diff = _max_diff(ranks[0], single)
     print(f"{strategy}: max |2 procs x batch 4 - 1 proc x batch 8| = {diff:.2e}")
     assert diff <= 1e-5
+
+
+def test_labels_come_from_the_data_and_a_too_small_head_fails_before_training(tmp_path):
+    """--num_labels smaller than the dataset's labels: one line naming the label and the head size, exit 2."""
+    import numpy as np
+    from PIL import Image
+
+    for i, name in enumerate(("a", "b", "c")):
+        (tmp_path / "data" / "train" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(tmp_path / "data" / "train" / name / "0.png")
+    cmd = [sys.executable, str(SCRIPT), "--tiny", "--dataset", str(tmp_path / "data"), "--cpu", "--steps", "1",
+           "--batch_size", "1", "--output_dir", str(tmp_path / "out")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([*cmd, "--num_labels", "2"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("train_accelerate.py: error: label 2 in split")
+    assert "outside the classifier head's 2 classes" in res.stderr and not (tmp_path / "out").exists()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)  # 3 classes, read from the data
+    assert res.returncode == 0, res.stderr[-3000:]
+    params = load_file(tmp_path / "out" / "rank0.safetensors")
+    assert params["base_model.model.classifier.modules_to_save.default.weight"].shape[0] == 3

@@ -34,6 +34,9 @@ def captured(monkeypatch, tmp_path):
         calls["create_repo"] = (repo_id, kwargs)
         return Repo(repo_id)
 
+    def create_branch(self, **kwargs):
+        calls["create_branch"] = kwargs
+
     def upload_folder(self, *, folder_path, repo_id, **kwargs):
         dest = tmp_path / "uploaded"
         shutil.copytree(folder_path, dest)
@@ -42,6 +45,7 @@ def captured(monkeypatch, tmp_path):
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
     return calls
 
 
@@ -64,13 +68,52 @@ def test_peft_model_push_to_hub_uploads_adapter_and_our_card(captured, tmp_path)
     card = (folder / "README.md").read_text()
     assert card == model_card(model, "default", "someone/vit-ssf")
     front = card.split("---")[1]
-    assert "library_name: peft" in front and f"base_model: {base_dir}" in front
+    assert "library_name: peft" in front and "base_model" not in front  # a local base: no base_model at all
     assert "- ssf" in front and "- peft-ssf" in front and "pipeline_tag: image-classification" in front
     assert "import peft_ssf" in card and "merge_and_unload()" in card
     assert "| SSF scale + shift | 1,280 |" in card
     assert "| trainable in total (incl. `modules_to_save`) | 1,379 |" in card
+    assert str(tmp_path) not in card and "/tmp" not in card  # never a path of this machine
     cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "SSF" and cfg["base_model_name_or_path"] == str(base_dir)
+    assert cfg["peft_type"] == "SSF" and cfg["base_model_name_or_path"] is None
+    assert _card_config(card) == cfg  # the card's config block is the uploaded adapter_config.json
+
+
+def _card_config(card: str) -> dict:
+    block = card.split("## SSF config (adapter_config.json)")[1].split("```json")[1].split("```")[0]
+    return json.loads(block)
+
+
+def test_card_records_a_hub_base_model_and_matches_the_saved_config(captured, tmp_path):
+    model, _ = _ssf_model(tmp_path)
+    model.peft_config["default"].base_model_name_or_path = "google/vit-base-patch16-224-in21k"
+    model.push_to_hub("someone/vit-ssf")
+    _, _, folder = captured["upload_folder"]
+    card = (folder / "README.md").read_text()
+    front = card.split("---")[1]
+    assert "base_model: google/vit-base-patch16-224-in21k" in front
+    assert "- base_model:adapter:google/vit-base-patch16-224-in21k" in front
+    saved = json.loads((folder / "adapter_config.json").read_text())
+    assert _card_config(card) == saved and saved["inference_mode"] is True and saved["auto_mapping"]
+    assert 'from_pretrained("google/vit-base-patch16-224-in21k")' in card
+
+
+def test_push_to_hub_honours_every_argument_of_transformers(captured, tmp_path):
+    model, _ = _ssf_model(tmp_path)
+    model.push_to_hub("someone/vit-ssf", commit_message="msg", commit_description="desc", private=True, token=True,
+                      revision="dev", create_pr=True, max_shard_size="1GB", tags=["my-tag"])
+    repo, create_kwargs = captured["create_repo"]
+    assert repo == "someone/vit-ssf" and create_kwargs["private"] is True and create_kwargs["token"] is True
+    assert captured["create_branch"] == {"repo_id": "someone/vit-ssf", "branch": "dev", "token": True,
+                                         "exist_ok": True}
+    _, kwargs, folder = captured["upload_folder"]
+    assert kwargs == {"token": True, "commit_message": "msg", "commit_description": "desc", "revision": "dev",
+                      "create_pr": True}
+    assert "- my-tag" in (folder / "README.md").read_text()
+    with pytest.raises(TypeError, match="positional"):
+        model.push_to_hub("someone/vit-ssf", "a commit message passed positionally")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        model.push_to_hub("someone/vit-ssf", commit_mesage="typo")
 
 
 def test_other_peft_methods_keep_transformers_push(monkeypatch):
@@ -116,12 +159,14 @@ def test_load_by_repo_id_from_populated_cache_offline(tmp_path):
 
 
 def test_cli_push_uploads_the_same_payload(captured, tmp_path):
-    from peft_ssf.cli import main
+    from peft_ssf_cli import main
 
     model, base_dir = _ssf_model(tmp_path)
     model.save_pretrained(tmp_path / "adapter")
-    assert main(["push", "--adapter", str(tmp_path / "adapter"), "--repo_id", "someone/cli-ssf"]) == 0
-    repo_id, _, folder = captured["upload_folder"]
-    assert repo_id == "someone/cli-ssf"
+    assert main(["push", "--adapter", str(tmp_path / "adapter"), "--repo_id", "someone/cli-ssf", "--revision", "v1",
+                 "--create_pr", "--message", "hi"]) == 0
+    repo_id, kwargs, folder = captured["upload_folder"]
+    assert repo_id == "someone/cli-ssf" and kwargs["revision"] == "v1" and kwargs["create_pr"] is True
+    assert kwargs["commit_message"] == "hi"
     assert sorted(p.name for p in folder.iterdir()) == PAYLOAD
     assert "library_name: peft" in (folder / "README.md").read_text()

@@ -1,4 +1,6 @@
-"""Trainer fine-tuning: the example runs end to end offline, and an interrupted + resumed run ends identical."""
+"""Trainer fine-tuning: the example runs end to end offline, an interrupted + resumed run ends identical, the merged
+output is deployable with transformers' pipeline, labels are checked before training, the adapter is what gets pushed.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from conftest import tiny_vit
 from PIL import Image
 from safetensors.torch import load_file
 
-from peft_ssf.train import add_train_arguments, head_weight_decay_groups, train
+from peft_ssf.train import LabelError, add_train_arguments, check_labels, head_weight_decay_groups, train
 
 
 def _make_imagefolder(root: Path, per_class: int = 6) -> Path:
@@ -61,6 +63,75 @@ def test_trainer_example_end_to_end(workspace):
     assert summary["trainable_params"] == 1280 + 32 * 3 + 3
 
 
+def test_merged_output_is_a_pipeline_with_the_adapters_predictions(workspace):
+    """`pipeline("image-classification", model=merged_dir)` gives the PEFT model's top-1 on every test image."""
+    from datasets import load_dataset
+    from transformers import pipeline
+
+    from peft_ssf.engine import load_adapter
+    from peft_ssf.train import ImageTransform, image_stats
+
+    root, data = workspace
+    out = root / "deploy"
+    train(_args("--model", str(root / "base"), "--dataset", str(data), "--output_dir", str(out), "--epochs", "2",
+                "--batch_size", "6", "--lr", "3e-2", "--save_merged", "--no_progress", "--metric_backend", "builtin"))
+    merged_dir = out / "merged"
+    assert (merged_dir / "preprocessor_config.json").is_file()
+    images = [row["image"] for row in load_dataset("imagefolder", data_dir=str(data))["test"]]
+    peft_model = load_adapter(out / "adapter", root / "base")
+    size, mean, std = image_stats(str(root / "base"), peft_model.config)
+    pixels = torch.stack([ImageTransform(size, mean, std)(im) for im in images])
+    with torch.no_grad():
+        expected = peft_model(pixel_values=pixels).logits.argmax(-1).tolist()
+    classify = pipeline("image-classification", model=str(merged_dir), device="cpu")
+    id2label = classify.model.config.id2label
+    got = [id2label_index(id2label, r[0]["label"]) for r in classify(images, top_k=1)]
+    assert got == expected
+    assert sorted(id2label.values()) == ["blue", "green", "red"]  # the dataset's class names, not LABEL_i
+
+
+def id2label_index(id2label: dict, label: str) -> int:
+    return next(i for i, name in id2label.items() if name == label)
+
+
+def test_labels_outside_the_head_fail_before_training_naming_label_and_size():
+    from datasets import Dataset, DatasetDict
+
+    ds = DatasetDict({"train": Dataset.from_dict({"label": [0, 1, 1]}), "test": Dataset.from_dict({"label": [0, 5]})})
+    check_labels(ds, "label", 6)
+    with pytest.raises(LabelError, match=r"label 5 in split 'test' is outside the classifier head's 2 classes"):
+        check_labels(ds, "label", 2)
+
+
+def test_save_merged_and_push_uploads_the_trained_adapter(workspace, monkeypatch):
+    from huggingface_hub import HfApi
+
+    uploaded: dict = {}
+
+    class Repo:
+        repo_id = "someone/ssf"
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: Repo())
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        uploaded["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        uploaded["weights"] = load_file(Path(folder_path) / "adapter_model.safetensors")
+        return "https://huggingface.co/someone/ssf/commit/fake"
+
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    root, data = workspace
+    out = root / "push"
+    summary = train(_args("--model", str(root / "base"), "--dataset", str(data), "--output_dir", str(out),
+                          "--max_steps", "2", "--batch_size", "6", "--save_merged", "--push_to_hub", "someone/ssf",
+                          "--no_progress", "--metric_backend", "builtin", "--no_checkpoints"))
+    assert summary["hub_url"].endswith("commit/fake") and (out / "merged" / "model.safetensors").is_file()
+    assert uploaded["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    local = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert uploaded["weights"].keys() == local.keys() and any(".ssf_scale" in k for k in local)
+    for k in local:
+        torch.testing.assert_close(uploaded["weights"][k], local[k], rtol=0, atol=0)
+
+
 def test_paper_recipe_decays_only_the_head_matrix():
     from peft import get_peft_model
 
@@ -97,5 +168,5 @@ def test_refuses_non_empty_output_dir(workspace):
     out = root / "occupied"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):
+    with pytest.raises(FileExistsError, match="not empty.*--overwrite"):  # peft-ssf prints it as one line
         train(_args("--model", str(root / "base"), "--dataset", str(data), "--output_dir", str(out)))

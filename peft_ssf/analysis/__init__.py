@@ -9,7 +9,7 @@ Quick start::
     from peft_ssf.analysis import compare
     report = compare(pretrained, {"full": full_ft, "ssf": ssf_model}, images01, steps=100)
     print(report.summary())
-    report.save("invariance_report")
+    report.save("invariance_report")          # JSON, CSV and heatmaps, each with its per-layer noise floor
 
 See docs/analysis.md for the definitions and how to read the heatmaps.
 """
@@ -27,8 +27,20 @@ from .features import (
     resolve_normalization,
     unwrap_model,
 )
+from .protocol import PROTOCOLS, Protocol
 from .report import InvarianceReport, compare
-from .stir import InversionCache, InversionResult, image_seed, invert, representation_grams, stir, stir_matrix
+from .stir import (
+    InversionCache,
+    InversionResult,
+    image_seed,
+    invert,
+    model_fingerprint,
+    noise_baseline,
+    noise_images,
+    representation_grams,
+    stir,
+    stir_matrix,
+)
 
 __all__ = [
     "FINAL",
@@ -38,6 +50,8 @@ __all__ = [
     "LayerProbe",
     "MinibatchCKA",
     "Normalization",
+    "PROTOCOLS",
+    "Protocol",
     "TokenMode",
     "center_gram",
     "cka_from_grams",
@@ -50,6 +64,9 @@ __all__ = [
     "layer_names",
     "layer_representations",
     "linear_cka",
+    "model_fingerprint",
+    "noise_baseline",
+    "noise_images",
     "representation_grams",
     "resolve_normalization",
     "stir",

@@ -30,12 +30,17 @@ _CHUNK_ELEMENTS = 2**25
 def gram_linear(x: torch.Tensor) -> torch.Tensor:
     """Return the float64 Gram matrix ``X X^T`` of ``x`` ([n, ...], flattened per example) as an [n, n] CPU tensor.
 
-    The product is accumulated over column chunks so that a float64 copy of a huge feature matrix is never made.
+    The product runs on ``x``'s device (a GPU for features of a model on a GPU) and only the n x n result is moved
+    to the CPU: building the Gram is the expensive part (2 n^2 p operations for p features), everything after it
+    is O(n^2). It is accumulated over column chunks in float64, so a float64 copy of a huge feature matrix is never
+    made and half-precision features lose nothing here. Devices without float64 (Apple MPS) fall back to the CPU.
     """
     if x.dim() < 1:
         raise ValueError("expected a tensor with a leading example dimension, got a scalar")
     n = x.shape[0]
     flat = x.detach().reshape(n, -1)
+    if flat.device.type == "mps":
+        flat = flat.cpu()
     p = flat.shape[1]
     chunk = max(1, _CHUNK_ELEMENTS // max(n, 1))
     gram = torch.zeros(n, n, dtype=torch.float64, device=flat.device)

@@ -1,10 +1,15 @@
 """``peft-ssf analyze``: invariance report of fine-tuned models against their pretrained model, from local dirs.
 
-    peft-ssf analyze --pretrained P --finetuned F [F2 ...] --images DIR --out DIR [--n 64] [--steps 100] [--faithful]
+    peft-ssf analyze --pretrained P --finetuned F [F2 ...] --images DIR --out DIR [--protocol cached|faithful]
 
-Model dirs are loaded with ``AutoModelForImageClassification`` (or ``AutoModel``). A PEFT adapter dir (one with
-``adapter_config.json``) is loaded onto its base model (``base_model_name_or_path``, or ``--base``) and merged;
-only that path imports ``peft_ssf`` (to register SSF with PEFT). Images: a folder searched recursively for
+Protocols (:mod:`~peft_ssf.analysis.protocol`): ``cached`` (default: 64 images, 100 steps, one X' per model and
+source layer) and ``faithful`` (``--faithful``: the authors' settings, 500 images, 500 steps, fresh noise per STIR
+cell). Explicit ``--n`` / ``--steps`` / ``--step-size`` / ``--size`` / ``--fresh-noise-per-cell`` override the
+protocol and are recorded as overrides in the report.
+
+Model dirs are loaded with the project's one loader (``peft_ssf.engine.load_model``): a checkpoint as its
+image-classification class (or ``AutoModel``), a PEFT adapter dir (one with ``adapter_config.json``) onto its base
+model (``base_model_name_or_path``, or ``--base``), merged. Images: a folder searched recursively for
 png / jpg files, or a ``datasets`` directory written by ``save_to_disk``; they are resized (shorter side) and
 centre-cropped with PIL + numpy, scaled to [0, 1], and the model's own normalisation is applied inside the analysis.
 """
@@ -12,7 +17,6 @@ centre-cropped with PIL + numpy, scaled to [0, 1], and the model's own normalisa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,15 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .features import resolve_normalization
+from .features import Normalization, layer_names, resolve_normalization
+from .protocol import CACHED, FAITHFUL, PROTOCOLS
 
 __all__ = ["add_analyze_arguments", "load_images", "load_model", "run_analyze"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SPLIT_PREFERENCE = ("test", "validation", "val", "valid", "eval")
-# Paper protocol (Merlin et al. 2023): first 500 evaluation images, 224 px, 500 steps of size 0.5.
-_FAITHFUL = {"n": 500, "steps": 500, "step_size": 0.5, "size": 224}
-_QUICK = {"n": 64, "steps": 100, "step_size": 0.5}
 
 
 class AnalyzeError(Exception):
@@ -47,11 +49,22 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", help="image column of a datasets dir (default: the first Image feature)")
     p.add_argument("--out", required=True, help="output dir for report.json, CSVs and PNG heatmaps")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty --out")
-    p.add_argument("--n", type=int, help="number of images (default 64; --faithful: 500, 100 at >= 384 px)")
-    p.add_argument("--steps", type=int, help="inversion steps (default 100; --faithful: 500)")
-    p.add_argument("--step-size", type=float, help="L2 length of each inversion step (default 0.5)")
+    p.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        help=f"settings preset (default cached). cached: {CACHED.help()}. faithful: {FAITHFUL.help()}",
+    )
+    p.add_argument("--faithful", action="store_true", help=f"same as --protocol faithful: {FAITHFUL.help()}")
+    p.add_argument("--n", type=int, help="number of images (overrides the protocol)")
+    p.add_argument("--steps", type=int, help="inversion steps (overrides the protocol)")
+    p.add_argument("--step-size", type=float, help="L2 length of each inversion step (overrides the protocol)")
     p.add_argument("--size", type=int, help="resize (shorter side) + centre-crop size (default: model image_size)")
-    p.add_argument("--faithful", action="store_true", help="paper settings: n=500, steps=500, step 0.5, 224 px")
+    p.add_argument(
+        "--fresh-noise-per-cell",
+        action="store_true",
+        default=None,
+        help="new noise for every STIR cell (as --faithful does; L^2 (1+3m) instead of L (1+m) inversions)",
+    )
     p.add_argument("--layers", nargs="+", help="layers to analyse (default: every block and 'final')")
     p.add_argument("--tokens", choices=("flatten", "cls", "mean"), default="flatten", help="token handling")
     p.add_argument("--tau", type=float, default=0.8, help="threshold of the shallowest-layer compression summary")
@@ -63,11 +76,6 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--unbiased", action="store_true", help="unbiased HSIC estimator in every CKA")
     p.add_argument("--no-reverse", action="store_true", help="skip Q = STIR(P | F) (halves the inversions)")
     p.add_argument("--no-within", action="store_true", help="skip the within-model matrices W")
-    p.add_argument(
-        "--fresh-noise-per-cell",
-        action="store_true",
-        help="new noise for every STIR cell (authors' protocol; L^2 (1+3m) instead of L (1+m) inversions)",
-    )
     p.add_argument("--base", help="base model dir for adapters whose base_model_name_or_path is not a local dir")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (small models on a busy CPU: 1 is often fastest)")
@@ -80,60 +88,22 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _load_plain(path: str | Path, **kwargs: Any) -> nn.Module:
-    from transformers import AutoModel, AutoModelForImageClassification
-
-    try:
-        return AutoModelForImageClassification.from_pretrained(str(path), **kwargs)
-    except (ValueError, KeyError):  # not an image-classification architecture: take the bare backbone
-        return AutoModel.from_pretrained(str(path))
-
-
-def _adapter_head_size(adapter_dir: Path) -> int | None:
-    """Output size of a classifier head saved with the adapter (modules_to_save), if any."""
-    file = adapter_dir / "adapter_model.safetensors"
-    if not file.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as fh:
-        for key in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
-            if key.endswith("classifier.weight"):
-                shape = fh.get_slice(key).get_shape()
-                if len(shape) == 2:
-                    return int(shape[0])
-    return None
-
-
 def load_model(path: str | Path, base: str | Path | None = None) -> nn.Module:
-    """Load a local model dir, or a PEFT adapter dir merged into its base model, in eval mode."""
+    """Load a local model dir, or a PEFT adapter dir merged into its base model, in eval mode.
+
+    The project's one loader (:func:`peft_ssf.engine.load_model`) does the work; this adds the analysis CLI's
+    error handling (a missing dir or base model is a usage error, exit status 2).
+    """
+    from ..engine import AdapterLoadError
+    from ..engine import load_model as engine_load_model
+
     path = Path(path)
     if not path.is_dir():
         raise AnalyzeError(f"model dir not found: {path}")
-    if not (path / "adapter_config.json").is_file():
-        return _load_plain(path).eval()
-    with open(path / "adapter_config.json", encoding="utf-8") as fh:
-        adapter_config = json.load(fh)
-    candidates = [base] if base else []
-    declared = adapter_config.get("base_model_name_or_path")
-    if declared:
-        candidates += [declared, path / declared]
-    base_dir = next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
-    if base_dir is None:
-        raise AnalyzeError(
-            f"{path} is a PEFT adapter whose base model ({declared!r}) is not a local dir; pass --base DIR"
-        )
-    kwargs: dict[str, Any] = {}
-    head = _adapter_head_size(path)
-    if head is not None:
-        kwargs = {"num_labels": head, "ignore_mismatched_sizes": True}
-    base_model = _load_plain(base_dir, **kwargs)
-    from peft import PeftModel
-
-    import peft_ssf  # noqa: F401  (registers the SSF method with PEFT so that SSF adapters load)
-
-    model = PeftModel.from_pretrained(base_model, str(path))
-    return model.merge_and_unload().eval()
+    try:
+        return engine_load_model(path, base, merge=True).eval()
+    except AdapterLoadError as exc:
+        raise AnalyzeError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,57 +239,84 @@ def run_analyze(args: argparse.Namespace) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
-    from .report import compare
-
+def _check_out(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
         raise AnalyzeError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return out
+
+
+def _report_names(args: argparse.Namespace) -> list[str]:
+    """Names of the fine-tuned models in the report ("pretrained" is taken by the pretrained model)."""
     names = _unique_names(args.finetuned, args.names)
     if "pretrained" in names:
         if args.names is not None:
             raise AnalyzeError("'pretrained' is the pretrained model's name in the report; pick another --names")
         names = [f"{n}_ft" if n == "pretrained" else n for n in names]
+    return names
 
+
+def _protocol_settings(args: argparse.Namespace, model: nn.Module) -> dict[str, Any]:
+    """The chosen protocol resolved for ``model``, with the explicit flags as recorded overrides."""
+    if args.faithful and args.protocol not in (None, FAITHFUL.name):
+        raise AnalyzeError(f"--faithful contradicts --protocol {args.protocol}")
+    protocol = PROTOCOLS[FAITHFUL.name if args.faithful else args.protocol or CACHED.name]
+    given = {"n": args.n, "steps": args.steps, "step_size": args.step_size, "size": args.size}
+    settings = protocol.resolve(_model_image_size(model), fresh_noise_per_cell=args.fresh_noise_per_cell, **given)
+    if settings["size"] is None:
+        raise AnalyzeError("cannot tell the model's input size from its config; pass --size")
+    if settings["n"] < 4:
+        raise AnalyzeError("--n must be at least 4")
+    return settings
+
+
+def _expected_inversions(args: argparse.Namespace, model: nn.Module, m: int, fresh: bool) -> int:
+    """How many inversions compare() will run: L (1 + m) cached, one per STIR cell with fresh noise."""
+    n_layers = len(args.layers) if args.layers else len(layer_names(model))
+    if not fresh:
+        return n_layers * (1 + (0 if args.no_reverse and args.no_within else m))
+    matrices = m + (0 if args.no_reverse else m) + (0 if args.no_within else 1 + m)
+    return n_layers * n_layers * matrices
+
+
+def _describe(protocol: dict[str, Any], images: torch.Tensor, norm: Normalization, device: torch.device) -> str:
+    overrides = ", ".join(f"{k}={v}" for k, v in protocol["overrides"].items()) or "none"
+    noise = "fresh noise per cell" if protocol["fresh_noise_per_cell"] else "cached X'"
+    return (
+        f"analyze: protocol {protocol['protocol']} (overrides: {overrides}): {images.shape[0]} images at "
+        f"{protocol['size']} px, {protocol['steps']} steps of {protocol['step_size']}, {noise}; normalisation "
+        f"from {norm.source}; device {device}"
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .report import compare
+
+    out = _check_out(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = _report_names(args)
     started = time.perf_counter()
     pretrained = load_model(args.pretrained, args.base).to(device)
     finetuned = {name: load_model(path, args.base).to(device) for name, path in zip(names, args.finetuned)}
-
-    defaults = dict(_FAITHFUL if args.faithful else _QUICK)
-    model_size = _model_image_size(pretrained)
-    if args.faithful:
-        defaults["size"] = 224 if model_size in (None, 224) else model_size
-        if defaults["size"] >= 384:
-            defaults["n"] = 100
-    else:
-        defaults["size"] = model_size
-    n = args.n if args.n is not None else defaults["n"]
-    steps = args.steps if args.steps is not None else defaults["steps"]
-    step_size = args.step_size if args.step_size is not None else defaults["step_size"]
-    size = args.size if args.size is not None else defaults["size"]
-    if size is None:
-        raise AnalyzeError("cannot tell the model's input size from its config; pass --size")
-    if n < 4:
-        raise AnalyzeError("--n must be at least 4")
-    norm = resolve_normalization(pretrained, args.mean, args.std)
-
-    images = load_images(args.images, n, size, args.split, args.image_column)
-    print(
-        f"analyze: {images.shape[0]} images at {size}px, {steps} steps of {step_size}, normalisation from "
-        f"{norm.source}, device {device}",
-        file=sys.stderr,
-    )
+    protocol = _protocol_settings(args, pretrained)
+    try:
+        norm = resolve_normalization(pretrained, args.mean, args.std)
+    except ValueError as exc:
+        raise AnalyzeError(str(exc)) from exc
+    images = load_images(args.images, protocol["n"], protocol["size"], args.split, args.image_column)
+    print(_describe(protocol, images, norm, device), file=sys.stderr)
+    expected = _expected_inversions(args, pretrained, len(finetuned), protocol["fresh_noise_per_cell"])
+    print(f"analyze: {expected} inversions to run", file=sys.stderr)
     report = compare(
         pretrained,
         finetuned,
         images,
         layers=args.layers,
         tokens=args.tokens,
-        steps=steps,
-        step_size=step_size,
+        steps=protocol["steps"],
+        step_size=protocol["step_size"],
         seed=args.seed,
         batch_size=args.batch_size,
         mean=norm.mean,
@@ -329,19 +326,10 @@ def _run(args: argparse.Namespace) -> int:
         reverse=not args.no_reverse,
         within=not args.no_within,
         reference=args.reference,
-        fresh_noise_per_cell=args.fresh_noise_per_cell,
+        fresh_noise_per_cell=protocol["fresh_noise_per_cell"],
         progress=not args.quiet,
     )
-    report.settings.update(
-        {
-            "pretrained_path": str(args.pretrained),
-            "finetuned_paths": dict(zip(names, args.finetuned)),
-            "images": str(args.images),
-            "size": size,
-            "faithful": bool(args.faithful),
-            "normalization": norm.to_dict(),
-        }
-    )
+    report.settings.update(_cli_settings(args, names, protocol, norm))
     written = report.save(out, plots=False if args.no_plots else None)
     print(report.summary())
     print(
@@ -349,6 +337,21 @@ def _run(args: argparse.Namespace) -> int:
         f"({report.inversions_performed} inversions; {report.inversions_without_cache} without the cache)"
     )
     return 0
+
+
+def _cli_settings(
+    args: argparse.Namespace, names: list[str], protocol: dict[str, Any], norm: Normalization
+) -> dict[str, Any]:
+    """What the command line adds to ``report.settings``: paths, and the protocol with its overrides."""
+    return {
+        "pretrained_path": str(args.pretrained),
+        "finetuned_paths": dict(zip(names, args.finetuned)),
+        "images": str(args.images),
+        "size": protocol["size"],
+        "faithful": protocol["protocol"] == FAITHFUL.name and not protocol["overrides"],
+        "protocol": protocol,
+        "normalization": norm.to_dict(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

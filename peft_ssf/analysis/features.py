@@ -20,6 +20,10 @@ returned as is. Every representation is returned as a 2-D [n, features] tensor.
 
 PEFT: a ``PeftModel`` is unwrapped with ``get_base_model()`` (adapters stay active; merged or not, it is the same
 module tree), then the backbone is found through ``base_model_prefix`` (``model.vit``, ``model.swin``, ...).
+
+Mode and precision: extraction runs in eval mode (dropout and drop-path would make two calls differ) and restores
+every submodule's training flag; outputs of half-precision models are promoted to float32 before any reduction,
+so the analysis adds no half-precision rounding to what the model itself computes.
 """
 
 from __future__ import annotations
@@ -181,6 +185,68 @@ def _as_tuple(value: float | Sequence[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+_NORMALIZATION_HINT = (
+    "Pass mean= and std= (the values the model was trained with; mean=0.0, std=1.0 for raw [0, 1] pixels) or "
+    "processor= (its image processor); on the command line --mean and --std."
+)
+
+
+def _offline() -> bool:
+    """Hugging Face offline mode, read at call time (huggingface_hub reads its flag once, at import)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(f.strip().upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _from_preprocessor_file(file: str) -> Normalization | None:
+    """Normalisation stated by a ``preprocessor_config.json`` (None if it states none)."""
+    with open(file, encoding="utf-8") as fh:
+        pre = json.load(fh)
+    if not pre.get("do_normalize", True):
+        return Normalization((0.0,), (1.0,), f"{file} (do_normalize=false)")
+    if "image_mean" in pre and "image_std" in pre:
+        return Normalization(_as_tuple(pre["image_mean"]), _as_tuple(pre["image_std"]), file)
+    return None
+
+
+def _hub_preprocessor_file(repo_id: str) -> tuple[str | None, str]:
+    """Path of the Hub repo's ``preprocessor_config.json`` (from the local cache when offline) or (None, why)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    offline = _offline()
+    try:
+        return hf_hub_download(repo_id, "preprocessor_config.json", local_files_only=offline), ""
+    except HFValidationError:
+        return None, f"{repo_id!r} is neither a local directory nor a valid Hub model id"
+    except (OSError, ValueError, EntryNotFoundError) as exc:  # not cached (offline), no such repo / file, no network
+        where = "in the local Hugging Face cache (offline mode)" if offline else "on the Hub"
+        return None, f"no preprocessor_config.json for {repo_id!r} {where} ({type(exc).__name__})"
+
+
+def _from_model(model: nn.Module) -> tuple[Normalization | None, str]:
+    """Normalisation recorded with the model itself, or (None, why not)."""
+    config = getattr(unwrap_model(model), "config", None)
+    if config is None:
+        return None, f"{type(model).__name__} has no Hugging Face config"
+    if getattr(config, "image_mean", None) is not None and getattr(config, "image_std", None) is not None:
+        return Normalization(_as_tuple(config.image_mean), _as_tuple(config.image_std), "model.config"), ""
+    name = getattr(config, "_name_or_path", "") or ""
+    if not name:
+        return None, "the model was built from a config in code (config._name_or_path is empty)"
+    if os.path.isdir(name):
+        file = os.path.join(name, "preprocessor_config.json")
+        if not os.path.isfile(file):
+            return None, f"the model's directory {name} has no preprocessor_config.json"
+    else:
+        file, why = _hub_preprocessor_file(name)
+        if file is None:
+            return None, why
+    norm = _from_preprocessor_file(file)
+    return (norm, "") if norm is not None else (None, f"{file} has no image_mean / image_std")
+
+
 def resolve_normalization(
     model: nn.Module | None = None,
     mean: float | Sequence[float] | None = None,
@@ -190,9 +256,13 @@ def resolve_normalization(
     """Decide the input normalisation the analysis applies inside its differentiable forward pass.
 
     Order: explicit ``mean`` / ``std`` > ``processor.image_mean`` / ``image_std`` (an image processor) >
-    ``model.config.image_mean`` / ``image_std`` > ``preprocessor_config.json`` in the local directory the model was
-    loaded from (``config._name_or_path``) > none (identity, with a warning). A processor or preprocessor file with
-    ``do_normalize=False`` means identity.
+    ``model.config.image_mean`` / ``image_std`` > the ``preprocessor_config.json`` of where the model was loaded
+    from (``config._name_or_path``): its local directory, or for a Hub id the Hub (only the local cache when
+    offline, ``HF_HUB_OFFLINE=1``). A processor or preprocessor file with ``do_normalize=False`` means identity.
+
+    Raises:
+        ValueError: when none of these gives a normalisation. Guessing (identity, or ImageNet statistics) would
+            silently analyse a model on inputs it never saw; pass ``mean=0.0, std=1.0`` to ask for identity.
     """
     if (mean is None) != (std is None):
         raise ValueError("pass both mean and std, or neither")
@@ -210,26 +280,12 @@ def resolve_normalization(
             return Normalization(
                 _as_tuple(processor.image_mean), _as_tuple(processor.image_std), type(processor).__name__
             )
-    base = unwrap_model(model) if model is not None else None
-    config = getattr(base, "config", None)
-    if config is not None:
-        if getattr(config, "image_mean", None) is not None and getattr(config, "image_std", None) is not None:
-            return Normalization(_as_tuple(config.image_mean), _as_tuple(config.image_std), "model.config")
-        path = getattr(config, "_name_or_path", "") or ""
-        file = os.path.join(path, "preprocessor_config.json") if path else ""
-        if file and os.path.isfile(file):
-            with open(file, encoding="utf-8") as fh:
-                pre = json.load(fh)
-            if not pre.get("do_normalize", True):
-                return Normalization((0.0,), (1.0,), f"{file} (do_normalize=false)")
-            if "image_mean" in pre and "image_std" in pre:
-                return Normalization(_as_tuple(pre["image_mean"]), _as_tuple(pre["image_std"]), file)
-    warnings.warn(
-        "no input normalisation found (no mean/std, processor, or preprocessor_config.json): the analysis feeds "
-        "raw [0, 1] pixels to the model. Pass mean= and std= if the model was trained on normalised inputs.",
-        stacklevel=2,
-    )
-    return Normalization((0.0,), (1.0,), "none")
+    why = "no model given"
+    if model is not None:
+        norm, why = _from_model(model)
+        if norm is not None:
+            return norm
+    raise ValueError(f"cannot tell the model's input normalisation: {why}. {_NORMALIZATION_HINT}")
 
 
 @contextlib.contextmanager
@@ -269,7 +325,12 @@ def _check_tokens(tokens: str) -> None:
 
 
 def _reduce(t: torch.Tensor, tokens: str, view: _View, name: str) -> torch.Tensor:
-    """Apply the token mode to one layer output and return [n, features]."""
+    """Apply the token mode to one layer output and return [n, features] in float32 or wider.
+
+    Half-precision (bf16 / fp16) outputs are promoted before the token mean and before any Gram matrix is built
+    from them: the model computes in its own precision, the analysis never adds half-precision rounding.
+    """
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
     if t.dim() <= 2 or tokens == "flatten":
         return t.reshape(t.shape[0], -1)
     if tokens == "mean":
@@ -378,6 +439,8 @@ def layer_representations(
     layers: Sequence[str] | None = None,
     tokens: TokenMode = "flatten",
     batch_size: int | None = None,
+    *,
+    on_model_device: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Representations of ``pixel_values`` at several layers from one full forward pass per batch.
 
@@ -388,9 +451,13 @@ def layer_representations(
         layers: layer names (see the module docstring); default ``layer_names(model)``.
         tokens: ``"flatten"`` | ``"cls"`` | ``"mean"``.
         batch_size: forward this many examples at a time (default: all at once).
+        on_model_device: keep the features on the model's device instead of moving them to the CPU (what the Gram
+            builder uses, so that only n x n Gram matrices leave the device).
 
     Returns:
-        ``{name: [n, features] tensor on the CPU}``, in the order of ``layers``. Computed under ``torch.no_grad``.
+        ``{name: [n, features] tensor}`` in float32 (float64 for a float64 model), in the order of ``layers``.
+        Computed under ``torch.no_grad`` and in eval mode (no dropout / drop-path, whatever mode the caller left
+        the model in); every submodule's training flag is restored afterwards.
     """
     _check_tokens(tokens)
     view = _view(model)
@@ -398,11 +465,11 @@ def layer_representations(
     n = pixel_values.shape[0]
     step = batch_size or max(n, 1)
     parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(view.model):
         for start in range(0, n, step):
             batch = _layer_representations_batch(view, pixel_values[start : start + step], names, tokens)
             for name in names:
-                parts[name].append(batch[name].detach().cpu())
+                parts[name].append(batch[name].detach() if on_model_device else batch[name].detach().cpu())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
@@ -467,6 +534,9 @@ def forward_to_layer(
     """Run ``model`` only up to ``layer`` and return its representation [n, features] (differentiable).
 
     Gives exactly the values :func:`layer_representations` gives for the same layer; ``pixel_values`` are
-    model-ready (normalised) inputs.
+    model-ready (normalised) inputs. Runs in eval mode (like :func:`layer_representations`) and restores every
+    submodule's training flag afterwards.
     """
-    return LayerProbe(model, layer, tokens).model_forward(pixel_values)
+    probe = LayerProbe(model, layer, tokens)
+    with eval_mode(probe.view.model):
+        return probe.model_forward(pixel_values)

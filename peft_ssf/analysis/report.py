@@ -11,16 +11,20 @@ For layers i, j of the shared architecture (``layers``, default every block plus
   layer, columns the source layer; the diagonal is computed, not assumed.
 - ``similarity[l, a, b] = CKA(M_a,l(X), M_b,l(X))`` between all models (pretrained first) at each layer l: the SSF
   paper's "which method stays closest to full fine-tuning" comparison (see :meth:`InvarianceReport.closeness`).
+- ``noise_baseline[m][l] = CKA(M_l(X), M_l(N))`` with N pure noise images (the inversion's starting noise clamped
+  to [0, 1]): the value STIR takes at evaluated layer l when X' carries no information about X. A STIR cell is
+  read against the floor of its evaluated layer (R: the column's, Q and W: the row's).
 
 Compression summary (our names; the paper gives no closed formula): for pretrained layer i, ``best`` =
 argmax_j R[i, j] (the fine-tuned layer that holds its invariance best; ties go to the shallowest) and
 ``shallowest_above_tau`` = the smallest j with R[i, j] >= tau (None if no layer reaches tau). ``shift = i - best``
 > 0 means the invariance moved to a shallower layer.
 
-Cost: X' is generated once per (model, source layer) and reused for every evaluated layer and matrix: with L
-layers and m fine-tuned models, ``L * (1 + m)`` inversions instead of ``L^2 * (1 + 3m)`` cell-by-cell. With the
-same seed the values are identical to the cell-by-cell computation; ``fresh_noise_per_cell=True`` instead draws new
-starting noise for every cell (the authors' protocol) and pays the full cost.
+Estimators: by default ("cached") X' is generated once per (model, source layer) and reused for every evaluated
+layer and matrix: with L layers and m fine-tuned models, ``L * (1 + m)`` inversions instead of
+``L^2 * (1 + 3m)``; with the same seed the values are identical to a cell-by-cell computation.
+``fresh_noise_per_cell=True`` draws new starting noise for every cell (the authors' protocol) and pays the full
+cost.
 """
 
 from __future__ import annotations
@@ -33,9 +37,8 @@ import math
 import os
 import re
 import time
-import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +46,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..io import atomic_write
 from .cka import cka_from_grams
-from .features import TokenMode, layer_names, resolve_normalization
-from .stir import InversionCache, InversionResult, _check_images, _progress, invert, representation_grams
+from .features import Normalization, TokenMode, layer_names, resolve_normalization
+from .stir import (
+    InversionCache,
+    InversionResult,
+    _check_images,
+    _progress,
+    invert,
+    noise_images,
+    representation_grams,
+)
 
 __all__ = ["InvarianceReport", "compare"]
 
 _PLOT_HINT = "plotting the invariance report needs matplotlib: pip install peft-ssf[plot] (or pip install matplotlib)"
+NOISE_BASELINE_DEFINITION = (
+    "CKA(M_l(X), M_l(N)) per model M and layer l; N = the inversion's starting noise (standard normal, one seed per "
+    "image) clamped to [0, 1]: the STIR value of an X' that carries no information about X"
+)
+_ESTIMATORS = {
+    False: "cached: one X' per (model, source layer), reused for every evaluated layer",
+    True: "fresh noise per cell: a new inversion, from new starting noise, for every STIR cell",
+}
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -60,9 +80,19 @@ def _matrix_to_list(m: torch.Tensor) -> list[list[float | None]]:
     return [[_nan_to_none(float(v)) for v in row] for row in m]
 
 
+def _num(value: float | None, width: int = 0) -> str:
+    """A number for the text summary, "nan" for a missing or NaN value."""
+    text = "nan" if value is None or math.isnan(value) else f"{value:.3f}"
+    return f"{text:>{width}}"
+
+
 @dataclass
 class InvarianceReport:
-    """Everything :func:`compare` measured. Matrices are float64 [L, L] tensors indexed like ``layers``."""
+    """Everything :func:`compare` measured. Matrices are float64 [L, L] tensors indexed like ``layers``.
+
+    ``noise_baseline[model]`` holds one noise floor per layer (see the module docstring); it is empty for reports
+    built by hand without one.
+    """
 
     layers: list[str]
     pretrained: str
@@ -79,6 +109,7 @@ class InvarianceReport:
     inversion_loss: dict[str, dict[str, dict[str, float]]]  # model -> source layer -> {mean, max, start_mean}
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    noise_baseline: dict[str, list[float]] = field(default_factory=dict)  # model -> one floor per layer
 
     @property
     def models(self) -> list[str]:
@@ -90,22 +121,25 @@ class InvarianceReport:
         return {name: [float(v) for v in torch.diagonal(r)] for name, r in self.R.items()}
 
     def compression(self) -> dict[str, list[dict[str, Any]]]:
-        """Per fine-tuned model and pretrained layer i: where its invariance is held best in the fine-tuned model."""
+        """Per fine-tuned model and pretrained layer i: where its invariance is held best in the fine-tuned model.
+
+        A row of R with no finite value gives ``best_layer``, ``best_value`` and ``shift`` = None.
+        """
         out: dict[str, list[dict[str, Any]]] = {}
         for name, r in self.R.items():
             rows = []
             for i, layer in enumerate(self.layers):
-                row = torch.nan_to_num(r[i], nan=-math.inf)
-                best = int(torch.argmax(row))
+                finite = bool(torch.isfinite(r[i]).any())
+                best = int(torch.argmax(torch.nan_to_num(r[i], nan=-math.inf))) if finite else None
                 above = [j for j in range(len(self.layers)) if float(r[i, j]) >= self.tau]
                 first = above[0] if above else None
                 rows.append(
                     {
                         "pretrained_layer": layer,
                         "retention": _nan_to_none(float(r[i, i])),
-                        "best_layer": self.layers[best],
-                        "best_value": _nan_to_none(float(r[i, best])),
-                        "shift": i - best,
+                        "best_layer": None if best is None else self.layers[best],
+                        "best_value": None if best is None else _nan_to_none(float(r[i, best])),
+                        "shift": None if best is None else i - best,
                         "shallowest_above_tau": None if first is None else self.layers[first],
                         "shallowest_above_tau_value": None if first is None else float(r[i, first]),
                     }
@@ -118,6 +152,17 @@ class InvarianceReport:
         ref = self.reference if reference is None else reference
         b = self.models.index(ref)
         return {name: [float(v) for v in self.similarity[:, a, b]] for a, name in enumerate(self.models)}
+
+    def floor(self, kind: str, name: str) -> tuple[list[float] | None, str]:
+        """Noise floor of matrix ``kind`` ("R", "Q", "W") of model ``name`` and the axis of its evaluated layer.
+
+        R is evaluated in the fine-tuned model along its columns ("row": draw the floor as an extra row), Q in the
+        pretrained model along its rows, W in the model itself along its rows ("col"). C has no floor (None).
+        """
+        evaluated = {"R": (name, "row"), "Q": (self.pretrained, "col"), "W": (name, "col")}.get(kind)
+        if evaluated is None or evaluated[0] not in self.noise_baseline:
+            return None, "row"
+        return self.noise_baseline[evaluated[0]], evaluated[1]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dictionary (NaN becomes None)."""
@@ -138,6 +183,7 @@ class InvarianceReport:
             "retention": self.retention(),
             "compression": self.compression(),
             "closeness": {"reference": self.reference, "cka": self.closeness()},
+            "noise_baseline": {k: [_nan_to_none(float(v)) for v in vs] for k, vs in self.noise_baseline.items()},
             "inversions": {
                 "performed": self.inversions_performed,
                 "without_cache": self.inversions_without_cache,
@@ -148,7 +194,8 @@ class InvarianceReport:
         }
 
     def summary(self) -> str:
-        """Short text table: retention, best-holding layer and closeness to the reference, per layer."""
+        """Short text table per fine-tuned model and layer: retention, its noise floor, the pretrained layer's
+        best-holding fine-tuned layer, and CKA to the reference. Missing or NaN values print as "nan"."""
         lines = [
             (
                 f"invariance report: {self.pretrained} vs {', '.join(self.finetuned)} "
@@ -157,12 +204,14 @@ class InvarianceReport:
         ]
         retention, compression, close = self.retention(), self.compression(), self.closeness()
         for name in self.finetuned:
-            lines.append(f"[{name}] layer: retention R[i,i] | best j (R) | CKA to {self.reference}")
+            floor = self.noise_baseline.get(name, [math.nan] * len(self.layers))
+            lines.append(f"[{name}] layer: retention R[i,i] (noise floor) | best j (R) | CKA to {self.reference}")
             for i, layer in enumerate(self.layers):
                 c = compression[name][i]
+                best = c["best_layer"] if c["best_layer"] is not None else "-"
                 lines.append(
-                    f"  {layer:>8}: {retention[name][i]:.3f} | {c['best_layer']:>8} ({c['best_value']:.3f})"
-                    f" | {close[name][i]:.3f}"
+                    f"  {layer:>8}: {_num(retention[name][i])} ({_num(floor[i])}) | {best:>8} "
+                    f"({_num(c['best_value'])}) | {_num(close[name][i])}"
                 )
         return "\n".join(lines)
 
@@ -179,22 +228,19 @@ class InvarianceReport:
         Returns the written paths.
         """
         if plots is None:
-            try:
-                import matplotlib  # noqa: F401
-
-                plots = True
-            except ImportError:
-                plots = False
+            plots = _has_matplotlib()
         if plots:
             _require_matplotlib()
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
+        written = [atomic_write(out / name, text) for name, text in self._text_files().items()]
+        if plots:
+            written.extend(self._plot(out))
+        return written
 
-        def put_text(name: str, text: str) -> None:
-            written.append(_atomic_write(out / name, lambda fh: fh.write(text.encode("utf-8"))))
-
-        put_text("report.json", json.dumps(self.to_dict(), indent=2) + "\n")
+    def _text_files(self) -> dict[str, str]:
+        """File name -> content of report.json and every CSV."""
+        files = {"report.json": json.dumps(self.to_dict(), indent=2) + "\n"}
         for kind, mats, corner in (
             ("R", self.R, "pretrained_source\\finetuned_eval"),
             ("Q", self.Q, "pretrained_eval\\finetuned_source"),
@@ -202,71 +248,64 @@ class InvarianceReport:
             ("W", self.W, "eval\\source"),
         ):
             for name, m in mats.items():
-                put_text(f"{kind}_{_safe(name)}.csv", _matrix_csv(m, self.layers, corner))
-        retention = self.retention()
-        put_text(
-            "retention.csv",
-            _table_csv(
-                ["layer", *self.finetuned],
-                [[layer, *(_fmt(retention[f][i]) for f in self.finetuned)] for i, layer in enumerate(self.layers)],
-            ),
+                files[f"{kind}_{_safe(name)}.csv"] = _matrix_csv(m, self.layers, corner)
+        files["retention.csv"] = _per_layer_csv("layer", self.layers, self.retention(), self.finetuned)
+        comp = self.compression()
+        comp_header = ["model", *comp[self.finetuned[0]][0].keys()] if self.finetuned else ["model"]
+        comp_rows = [[name, *(_fmt(v) for v in row.values())] for name, rows in comp.items() for row in rows]
+        files[f"compression_tau{self.tau:g}.csv"] = _table_csv(comp_header, comp_rows)
+        files["closeness.csv"] = _per_layer_csv(
+            f"layer (CKA to {self.reference})", self.layers, self.closeness(), self.models
         )
-        comp_rows = []
-        for name, rows in self.compression().items():
-            for row in rows:
-                comp_rows.append([name, *(_fmt(v) for v in row.values())])
-        comp_header = ["model", *next(iter(self.compression().values()))[0].keys()] if self.finetuned else ["model"]
-        put_text(f"compression_tau{self.tau:g}.csv", _table_csv(comp_header, comp_rows))
-        close = self.closeness()
-        put_text(
-            "closeness.csv",
-            _table_csv(
-                [f"layer (CKA to {self.reference})", *self.models],
-                [[layer, *(_fmt(close[m][i]) for m in self.models)] for i, layer in enumerate(self.layers)],
-            ),
-        )
-        sim_rows = []
-        for k, layer in enumerate(self.layers):
-            for a, ma in enumerate(self.models):
-                for b, mb in enumerate(self.models):
-                    if a < b:
-                        sim_rows.append([layer, ma, mb, _fmt(float(self.similarity[k, a, b]))])
-        put_text("similarity.csv", _table_csv(["layer", "model_a", "model_b", "cka"], sim_rows))
+        if self.noise_baseline:
+            files["noise_baseline.csv"] = _per_layer_csv(
+                "layer (noise floor)", self.layers, self.noise_baseline, list(self.noise_baseline)
+            )
+        sim_rows = [
+            [layer, ma, mb, _fmt(float(self.similarity[k, a, b]))]
+            for k, layer in enumerate(self.layers)
+            for a, ma in enumerate(self.models)
+            for b, mb in enumerate(self.models)
+            if a < b
+        ]
+        files["similarity.csv"] = _table_csv(["layer", "model_a", "model_b", "cka"], sim_rows)
         inv_rows = [
             [model, layer, _fmt(v["mean"]), _fmt(v["max"]), _fmt(v["start_mean"])]
             for model, per_layer in self.inversion_loss.items()
             for layer, v in per_layer.items()
         ]
-        put_text(
-            "inversions.csv",
-            _table_csv(["model", "source_layer", "rel_loss_mean", "rel_loss_max", "start_rel_loss_mean"], inv_rows),
-        )
-        if plots:
-            written.extend(self._plot(out))
-        return written
+        header = ["model", "source_layer", "rel_loss_mean", "rel_loss_max", "start_rel_loss_mean"]
+        files["inversions.csv"] = _table_csv(header, inv_rows)
+        return files
+
+    def figure(self, kind: str, name: str) -> Any:
+        """The heatmap of matrix ``kind`` ("R", "Q", "C", "W") of model ``name``, with its noise floor drawn."""
+        from .plots import heatmap
+
+        p = self.pretrained
+        ylabel, xlabel, title = {
+            "R": ("pretrained layer i (X' source)", f"{name} layer j (evaluated)", f"R = STIR({name}_j | {p}_i)"),
+            "Q": ("pretrained layer i (evaluated)", f"{name} layer j (X' source)", f"Q = STIR({p}_i | {name}_j)"),
+            "C": ("pretrained layer i", f"{name} layer j", f"C = CKA({p}_i, {name}_j)"),
+            "W": (f"{name} layer i (evaluated)", f"{name} layer j (X' source)", f"W = STIR({name}_i | {name}_j)"),
+        }[kind]
+        matrix = {"R": self.R, "Q": self.Q, "C": self.C, "W": self.W}[kind][name]
+        floor, axis = self.floor(kind, name)
+        return heatmap(matrix, self.layers, title, ylabel, xlabel, floor=floor, floor_axis=axis)
 
     def _plot(self, out: Path) -> list[Path]:
+        from .plots import lines
+
         written = []
-        for kind, mats, ylabel, xlabel in (
-            ("R", self.R, "pretrained layer i (X' source)", "{} layer j (evaluated)"),
-            ("Q", self.Q, "pretrained layer i (evaluated)", "{} layer j (X' source)"),
-            ("C", self.C, "pretrained layer i", "{} layer j"),
-            ("W", self.W, "{} layer i (evaluated)", "{} layer j (X' source)"),
-        ):
-            for name, m in mats.items():
-                title = {
-                    "R": f"R = STIR({name}_j | {self.pretrained}_i)",
-                    "Q": f"Q = STIR({self.pretrained}_i | {name}_j)",
-                    "C": f"C = CKA({self.pretrained}_i, {name}_j)",
-                    "W": f"W = STIR({name}_i | {name}_j)",
-                }[kind]
-                fig = _heatmap(m, self.layers, title, ylabel.format(name), xlabel.format(name))
-                written.append(_save_figure(fig, out / f"{kind}_{_safe(name)}.png"))
+        for kind, mats in (("R", self.R), ("Q", self.Q), ("C", self.C), ("W", self.W)):
+            for name in mats:
+                written.append(_save_figure(self.figure(kind, name), out / f"{kind}_{_safe(name)}.png"))
         if self.finetuned:
-            retention = self.retention()
-            fig = _lines(self.layers, retention, "retention of pretrained invariance: R[i, i]", "retention")
+            floors = {f: self.noise_baseline[f] for f in self.finetuned if f in self.noise_baseline}
+            title = "retention of pretrained invariance: R[i, i] (dashed: noise floor)"
+            fig = lines(self.layers, self.retention(), title, "retention", floors=floors)
             written.append(_save_figure(fig, out / "retention.png"))
-        fig = _lines(self.layers, self.closeness(), f"CKA to {self.reference} per layer (clean images)", "linear CKA")
+        fig = lines(self.layers, self.closeness(), f"CKA to {self.reference} per layer (clean images)", "linear CKA")
         written.append(_save_figure(fig, out / "closeness.png"))
         return written
 
@@ -293,18 +332,17 @@ def _matrix_csv(m: torch.Tensor, layers: Sequence[str], corner: str) -> str:
     return _table_csv([corner, *layers], [[layer, *(_fmt(float(v)) for v in m[i])] for i, layer in enumerate(layers)])
 
 
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> Path:
-    """Write through a temporary file in the same directory, then ``os.replace`` it onto ``path``."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+def _per_layer_csv(corner: str, layers: Sequence[str], series: Mapping[str, Sequence[float]], names: list[str]) -> str:
+    rows = [[layer, *(_fmt(float(series[m][i])) for m in names)] for i, layer in enumerate(layers)]
+    return _table_csv([corner, *names], rows)
+
+
+def _has_matplotlib() -> bool:
     try:
-        with open(tmp, "xb") as fh:  # regular permissions (umask), unlike tempfile.mkstemp's 0600
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _require_matplotlib() -> None:
@@ -315,51 +353,8 @@ def _require_matplotlib() -> None:
         raise ImportError(_PLOT_HINT) from exc
 
 
-def _heatmap(m: torch.Tensor, layers: Sequence[str], title: str, ylabel: str, xlabel: str) -> Any:
-    from matplotlib.figure import Figure
-
-    n = len(layers)
-    size = min(3.0 + 0.45 * n, 14.0)
-    fig = Figure(figsize=(size + 1.2, size))
-    ax = fig.add_subplot()
-    image = ax.imshow(m.numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
-    ax.set_xticks(range(n), labels=list(layers), rotation=90)
-    ax.set_yticks(range(n), labels=list(layers))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    if n <= 16:
-        for i in range(n):
-            for j in range(n):
-                v = float(m[i, j])
-                if not math.isnan(v):
-                    ax.text(
-                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > 0.6 else "white"
-                    )
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    return fig
-
-
-def _lines(layers: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> Any:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(max(5.0, 0.5 * len(layers) + 2.0), 3.8))
-    ax = fig.add_subplot()
-    for name, values in series.items():
-        ax.plot(range(len(layers)), values, marker="o", label=name)
-    ax.set_xticks(range(len(layers)), labels=list(layers), rotation=45)
-    ax.set_ylim(min(0.0, *(v for vs in series.values() for v in vs if not math.isnan(v))) - 0.02, 1.02)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
 def _save_figure(fig: Any, path: Path) -> Path:
-    return _atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -393,6 +388,162 @@ def _cells(pretrained: str, finetuned: Sequence[str], n_layers: int, reverse: bo
 def _cell_seed(seed: int, cell: _Cell) -> int:
     text = f"{seed}/{cell.matrix}/{cell.key}/{cell.row}/{cell.col}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:7], "big")
+
+
+@dataclass
+class _Run:
+    """What every step of :func:`compare` shares: the models, layers, images and the settings of one run."""
+
+    models: dict[str, nn.Module]  # pretrained first
+    layers: list[str]
+    images: torch.Tensor
+    seed: int
+    grams: dict[str, Any]  # representation_grams settings: tokens, normalization, batch_size, unbiased, ...
+    inversion: dict[str, Any]  # invert settings other than the seed: steps, step_size, batch_size, ...
+    progress: bool
+    clean: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # model -> layer -> centred Gram
+
+    def evaluate(self, model: str, inputs: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Centred Grams of ``model`` on ``inputs`` at ``layers``."""
+        return representation_grams(self.models[model], inputs, list(layers), **self.grams)
+
+    def cka(self, model: str, layer: str, gram: torch.Tensor) -> float:
+        """CKA between ``model``'s clean-image Gram at ``layer`` and ``gram`` (both centred)."""
+        return cka_from_grams(self.clean[model][layer], gram, centered=True)
+
+
+def _named_models(
+    pretrained: nn.Module, finetuned: nn.Module | Mapping[str, nn.Module], pretrained_name: str
+) -> dict[str, nn.Module]:
+    """``{name: model}`` with the pretrained model first; checks the names."""
+    models: dict[str, nn.Module] = {pretrained_name: pretrained}
+    if isinstance(finetuned, nn.Module):
+        finetuned = {"finetuned": finetuned}
+    for name, model in finetuned.items():
+        if name in models:
+            raise ValueError(f"model name {name!r} is used twice")
+        models[name] = model
+    if len(models) < 2:
+        raise ValueError("give at least one fine-tuned model")
+    return models
+
+
+def _similarity(run: _Run) -> torch.Tensor:
+    """[L, M, M] CKA between every pair of models at every layer, on the clean images."""
+    names = list(run.models)
+    out = torch.empty(len(run.layers), len(names), len(names), dtype=torch.float64)
+    for k, layer in enumerate(run.layers):
+        for a, ma in enumerate(names):
+            for b in range(a, len(names)):
+                out[k, a, b] = out[k, b, a] = run.cka(ma, layer, run.clean[names[b]][layer])
+    return out
+
+
+def _cross_cka(run: _Run, pretrained: str, finetuned: str) -> torch.Tensor:
+    """C = CKA(P_i(X), F_j(X)) for every pair of layers."""
+    rows = [[run.cka(pretrained, li, run.clean[finetuned][lj]) for lj in run.layers] for li in run.layers]
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _noise_floors(run: _Run) -> dict[str, list[float]]:
+    """Per model and layer, CKA(M_l(X), M_l(N)) with N = :func:`~peft_ssf.analysis.stir.noise_images`."""
+    noise = noise_images(run.images.shape[1:], run.images.shape[0], run.seed)
+    floors = {}
+    for name in run.models:
+        grams = run.evaluate(name, noise, run.layers)
+        floors[name] = [run.cka(name, layer, grams[layer]) for layer in run.layers]
+    return floors
+
+
+def _empty_matrices(cells: Sequence[_Cell], n_layers: int) -> dict[tuple[str, str], torch.Tensor]:
+    mats: dict[tuple[str, str], torch.Tensor] = {}
+    for cell in cells:
+        mats.setdefault((cell.matrix, cell.key), torch.full((n_layers, n_layers), math.nan, dtype=torch.float64))
+    return mats
+
+
+_Losses = dict[tuple[str, int], list[InversionResult]]
+
+
+def _stir_cached(run: _Run, cells: Sequence[_Cell]) -> tuple[dict[tuple[str, str], torch.Tensor], _Losses, int]:
+    """Every STIR cell from one X' per (model, source layer), evaluated at every layer in one pass per model."""
+    mats = _empty_matrices(cells, len(run.layers))
+    losses: _Losses = defaultdict(list)
+    by_source: dict[tuple[str, int], list[_Cell]] = defaultdict(list)
+    for cell in cells:
+        by_source[cell.source].append(cell)
+    cache = InversionCache()
+    bar = _progress(len(by_source), "inversions", run.progress, leave=True)
+    for (src_name, src_layer), group in by_source.items():
+        model = run.models[src_name]
+        result = cache.invert(
+            model, run.layers[src_layer], run.images, seed=run.seed, progress=run.progress, **run.inversion
+        )
+        losses[(src_name, src_layer)].append(result)
+        for eval_name in dict.fromkeys(c.target[0] for c in group):
+            grams = run.evaluate(eval_name, result.inputs, run.layers)
+            for cell in (c for c in group if c.target[0] == eval_name):
+                layer = run.layers[cell.target[1]]
+                mats[(cell.matrix, cell.key)][cell.row, cell.col] = run.cka(eval_name, layer, grams[layer])
+        bar.update(1)
+    bar.close()
+    return mats, losses, cache.performed
+
+
+def _stir_fresh(run: _Run, cells: Sequence[_Cell]) -> tuple[dict[tuple[str, str], torch.Tensor], _Losses, int]:
+    """Every STIR cell from its own inversion, started from noise seeded by the cell (the authors' protocol)."""
+    mats = _empty_matrices(cells, len(run.layers))
+    losses: _Losses = defaultdict(list)
+    bar = _progress(len(cells), "inversions (fresh noise per cell)", run.progress, leave=True)
+    for cell in cells:
+        (src_name, src_layer), (eval_name, eval_layer) = cell.source, cell.target
+        result = invert(
+            run.models[src_name],
+            run.layers[src_layer],
+            run.images,
+            seed=_cell_seed(run.seed, cell),
+            progress=False,
+            **run.inversion,
+        )
+        losses[cell.source].append(result)
+        layer = run.layers[eval_layer]
+        gram = run.evaluate(eval_name, result.inputs, [layer])[layer]
+        mats[(cell.matrix, cell.key)][cell.row, cell.col] = run.cka(eval_name, layer, gram)
+        bar.update(1)
+    bar.close()
+    return mats, losses, len(cells)
+
+
+def _inversion_summary(losses: _Losses, layers: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """model -> source layer -> mean / max best relative loss and mean start loss, over all its inversions."""
+    out: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
+    for (src_name, src_layer), results in losses.items():
+        best = torch.cat([r.rel_loss for r in results])
+        start = torch.cat([r.start_rel_loss for r in results])
+        out[src_name][layers[src_layer]] = {
+            "mean": float(best.mean()),
+            "max": float(best.max()),
+            "start_mean": float(start.mean()),
+        }
+    return dict(out)
+
+
+def _settings(run: _Run, norm: Normalization, **flags: Any) -> dict[str, Any]:
+    """The report's record of how it was computed."""
+    return {
+        "n_images": int(run.images.shape[0]),
+        "image_shape": list(run.images.shape[1:]),
+        "tokens": run.grams["tokens"],
+        "steps": run.inversion["steps"],
+        "step_size": run.inversion["step_size"],
+        "seed": run.seed,
+        "batch_size": run.inversion["batch_size"],
+        "unbiased": run.grams["unbiased"],
+        **flags,
+        "estimator": _ESTIMATORS[bool(flags["fresh_noise_per_cell"])],
+        "noise_baseline": NOISE_BASELINE_DEFINITION,
+        "normalization": norm.to_dict(),
+    }
 
 
 def compare(
@@ -441,153 +592,52 @@ def compare(
             (model, source layer): the authors' protocol, at ``L^2 (1 + 3m)`` instead of ``L (1 + m)`` inversions.
         max_feature_bytes: memory budget for the features of all n images held at once while building Grams.
         progress: tqdm progress bars.
+
+    Every model's per-layer noise floor, CKA(M_l(X), M_l(noise)), is measured too (one forward pass per model) and
+    stored in ``report.noise_baseline``.
     """
     started = time.perf_counter()
     _check_images(images)
-    models: dict[str, nn.Module] = {pretrained_name: pretrained}
-    if isinstance(finetuned, nn.Module):
-        finetuned = {"finetuned": finetuned}
-    for name, model in finetuned.items():
-        if name in models:
-            raise ValueError(f"model name {name!r} is used twice")
-        models[name] = model
-    ft_names = list(finetuned)
-    if not ft_names:
-        raise ValueError("give at least one fine-tuned model")
+    models = _named_models(pretrained, finetuned, pretrained_name)
+    ft_names = list(models)[1:]
     layers = list(layers) if layers is not None else layer_names(pretrained)
     if not layers:
         raise ValueError("no layers to analyse")
-    if reference is None:
-        reference = ft_names[0]
+    reference = ft_names[0] if reference is None else reference
     if reference not in models:
         raise ValueError(f"reference {reference!r} is not one of {list(models)}")
     norm = resolve_normalization(pretrained, mean, std, processor)
-    n_layers = len(layers)
-    common = {
-        "tokens": tokens,
-        "normalization": norm,
-        "batch_size": batch_size,
-        "unbiased": unbiased,
-        "max_feature_bytes": max_feature_bytes,
-    }
-
-    # Clean-image representations: C and the model-to-model similarity need nothing else.
-    clean = {name: representation_grams(model, images, layers, **common) for name, model in models.items()}
-    names = list(models)
-    similarity = torch.empty(n_layers, len(names), len(names), dtype=torch.float64)
-    for k, layer in enumerate(layers):
-        for a, ma in enumerate(names):
-            for b, mb in enumerate(names):
-                if b < a:
-                    similarity[k, a, b] = similarity[k, b, a]
-                else:
-                    similarity[k, a, b] = cka_from_grams(clean[ma][layer], clean[mb][layer], centered=True)
-    C = {
-        f: torch.tensor(
-            [
-                [cka_from_grams(clean[pretrained_name][li], clean[f][lj], centered=True) for lj in layers]
-                for li in layers
-            ],
-            dtype=torch.float64,
-        )
-        for f in ft_names
-    }
-
-    # STIR cells, grouped by the inversion they need.
-    cells = _cells(pretrained_name, ft_names, n_layers, reverse, within)
-    mats: dict[tuple[str, str], torch.Tensor] = {}
-    for cell in cells:
-        mats.setdefault((cell.matrix, cell.key), torch.full((n_layers, n_layers), math.nan, dtype=torch.float64))
-    losses: dict[tuple[str, int], list[InversionResult]] = defaultdict(list)
-    invert_kwargs = {
-        "steps": steps,
-        "step_size": step_size,
-        "batch_size": batch_size,
-        "tokens": tokens,
-        "normalization": norm,
-    }
-
-    if not fresh_noise_per_cell:
-        by_source: dict[tuple[str, int], list[_Cell]] = defaultdict(list)
-        for cell in cells:
-            by_source[cell.source].append(cell)
-        cache = InversionCache()
-        bar = _progress(len(by_source), "inversions", progress, leave=True)
-        for (src_name, src_layer), group in by_source.items():
-            result = cache.invert(
-                models[src_name], layers[src_layer], images, seed=seed, progress=progress, **invert_kwargs
-            )
-            losses[(src_name, src_layer)].append(result)
-            for eval_name in dict.fromkeys(c.target[0] for c in group):
-                grams = representation_grams(models[eval_name], result.inputs, layers, **common)
-                for cell in group:
-                    if cell.target[0] == eval_name:
-                        layer = layers[cell.target[1]]
-                        value = cka_from_grams(clean[eval_name][layer], grams[layer], centered=True)
-                        mats[(cell.matrix, cell.key)][cell.row, cell.col] = value
-            bar.update(1)
-        bar.close()
-        performed = cache.performed
-    else:
-        bar = _progress(len(cells), "inversions (fresh noise per cell)", progress, leave=True)
-        for cell in cells:
-            src_name, src_layer = cell.source
-            eval_name, eval_layer = cell.target
-            result = invert(
-                models[src_name],
-                layers[src_layer],
-                images,
-                seed=_cell_seed(seed, cell),
-                progress=False,
-                **invert_kwargs,
-            )
-            losses[cell.source].append(result)
-            layer = layers[eval_layer]
-            grams = representation_grams(models[eval_name], result.inputs, [layer], **common)
-            value = cka_from_grams(clean[eval_name][layer], grams[layer], centered=True)
-            mats[(cell.matrix, cell.key)][cell.row, cell.col] = value
-            bar.update(1)
-        bar.close()
-        performed = len(cells)
-
-    inversion_loss: dict[str, dict[str, dict[str, float]]] = defaultdict(dict)
-    for (src_name, src_layer), results in losses.items():
-        best = torch.cat([r.rel_loss for r in results])
-        start = torch.cat([r.start_rel_loss for r in results])
-        inversion_loss[src_name][layers[src_layer]] = {
-            "mean": float(best.mean()),
-            "max": float(best.max()),
-            "start_mean": float(start.mean()),
-        }
-
-    settings = {
-        "n_images": int(images.shape[0]),
-        "image_shape": list(images.shape[1:]),
-        "tokens": tokens,
-        "steps": steps,
-        "step_size": step_size,
-        "seed": seed,
-        "batch_size": batch_size,
-        "unbiased": unbiased,
-        "reverse": reverse,
-        "within": within,
-        "fresh_noise_per_cell": fresh_noise_per_cell,
-        "normalization": norm.to_dict(),
-    }
+    run = _Run(
+        models=models,
+        layers=layers,
+        images=images,
+        seed=seed,
+        grams={"tokens": tokens, "normalization": norm, "batch_size": batch_size, "unbiased": unbiased,
+               "max_feature_bytes": max_feature_bytes},
+        inversion={"steps": steps, "step_size": step_size, "batch_size": batch_size, "tokens": tokens,
+                   "normalization": norm},
+        progress=progress,
+    )  # fmt: skip
+    run.clean = {name: run.evaluate(name, images, layers) for name in models}
+    floors = _noise_floors(run)
+    cells = _cells(pretrained_name, ft_names, len(layers), reverse, within)
+    mats, losses, performed = (_stir_fresh if fresh_noise_per_cell else _stir_cached)(run, cells)
+    flags = {"reverse": reverse, "within": within, "fresh_noise_per_cell": fresh_noise_per_cell}
     return InvarianceReport(
         layers=layers,
         pretrained=pretrained_name,
         finetuned=ft_names,
         R={f: mats[("R", f)] for f in ft_names},
         Q={f: mats[("Q", f)] for f in ft_names} if reverse else {},
-        C=C,
-        W={m: mats[("W", m)] for m in names} if within else {},
-        similarity=similarity,
+        C={f: _cross_cka(run, pretrained_name, f) for f in ft_names},
+        W={m: mats[("W", m)] for m in models} if within else {},
+        similarity=_similarity(run),
         tau=tau,
         reference=reference,
         inversions_performed=performed,
         inversions_without_cache=len(cells),
-        inversion_loss=dict(inversion_loss),
-        settings=settings,
+        inversion_loss=_inversion_summary(losses, layers),
+        settings=_settings(run, norm, **flags),
         elapsed_s=time.perf_counter() - started,
+        noise_baseline=floors,
     )

@@ -17,7 +17,9 @@ pixels), exactly once; the forward pass stops at layer a (see :class:`~peft_ssf.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +38,34 @@ from .features import (
     resolve_normalization,
 )
 
-__all__ = ["InversionCache", "InversionResult", "image_seed", "invert", "stir", "stir_matrix"]
+__all__ = [
+    "InversionCache",
+    "InversionResult",
+    "image_seed",
+    "invert",
+    "model_fingerprint",
+    "noise_baseline",
+    "noise_images",
+    "representation_grams",
+    "start_noise",
+    "stir",
+    "stir_matrix",
+    "tensor_fingerprint",
+]
 
 
 def image_seed(seed: int, index: int) -> int:
     """Seed of the starting noise of image ``index`` (its position in ``images``) for a given base ``seed``."""
     return (seed * 1_000_003 + index) % (2**63)
+
+
+def start_noise(image_shape: Sequence[int], seed: int, indices: Iterable[int]) -> torch.Tensor:
+    """The inversion's starting points: standard-normal noise [len(indices), *image_shape], image k seeded with
+    ``image_seed(seed, k)`` (unclamped; :func:`noise_baseline` clamps it to [0, 1])."""
+    shape = tuple(image_shape)
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, k))) for k in indices]
+    )
 
 
 def _progress(total: int, desc: str, enabled: bool, leave: bool = False) -> Any:
@@ -150,12 +174,7 @@ def invert(
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
             clean = images[start:stop].to(device, torch.float32)
-            noise = torch.stack(
-                [
-                    torch.randn(images.shape[1:], generator=torch.Generator().manual_seed(image_seed(seed, k)))
-                    for k in range(start, stop)
-                ]
-            ).to(device)
+            noise = start_noise(images.shape[1:], seed, range(start, stop)).to(device)
             x, loss, start_loss = _search(probe, clean, noise, steps, step_size, bar)
             out_x[start:stop] = x.cpu()
             out_loss[start:stop] = loss.cpu().double()
@@ -210,6 +229,33 @@ def _search(
     return best_x, best, start_loss
 
 
+def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
+    """A cheap summary of tensor contents that changes when any of them is changed in place.
+
+    Per tensor: storage address, version counter, shape, dtype, device, and two value checksums (float64 sum and
+    L2 norm, one pass each, computed on the tensor's device with a single transfer per device). The checksums are
+    needed because fused optimizers (AdamW ``fused=True``, the Trainer default) and writes through ``.data`` change
+    values without bumping ``_version``. Equal fingerprints on unchanged tensors are deterministic for a fixed
+    device and thread count; a spurious mismatch can only cost a recomputation, never a stale result.
+    """
+    meta: list[tuple] = []
+    stats: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    with torch.no_grad():
+        for t in tensors:
+            t = t.detach()
+            meta.append((t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), str(t.device)))
+            values = t if t.is_floating_point() or t.is_complex() else t.to(torch.float64)
+            stats[t.device].append(torch.sum(values, dtype=torch.float64).real)
+            stats[t.device].append(torch.linalg.vector_norm(values, dtype=torch.float64))
+    sums = tuple(float(v) for device in sorted(stats, key=str) for v in torch.stack(stats[device]).cpu())
+    return tuple(meta), sums
+
+
+def model_fingerprint(model: nn.Module) -> tuple:
+    """:func:`tensor_fingerprint` of every parameter and buffer of ``model`` (buffers: e.g. BatchNorm statistics)."""
+    return tensor_fingerprint(itertools.chain(model.parameters(), model.buffers()))
+
+
 @dataclass
 class InversionCache:
     """Keeps X' per (model, source layer, images, settings) so that every evaluated layer reuses one inversion.
@@ -217,22 +263,33 @@ class InversionCache:
     ``performed`` counts the inversions actually run, ``requests`` how many were asked for; a cell-by-cell STIR
     computation without the cache would have run ``requests`` of them. The cached X' is exactly what a fresh call
     with the same seed would produce, so the estimator is unchanged.
+
+    A stored X' is only served while the model's parameters and buffers and the images are unchanged: each entry
+    keeps a :func:`model_fingerprint` (addresses, version counters and value checksums), so a model fine-tuned
+    or edited in place between two calls gets a new inversion (counted in ``stale``), also when a fused optimizer
+    changed it without bumping version counters. :meth:`clear` drops everything explicitly.
     """
 
     performed: int = 0
     requests: int = 0
-    _entries: dict[tuple, tuple[nn.Module, torch.Tensor, InversionResult]] = field(default_factory=dict, repr=False)
+    stale: int = 0
+    _entries: dict[tuple, tuple[nn.Module, torch.Tensor, tuple, InversionResult]] = field(
+        default_factory=dict, repr=False
+    )
 
     def invert(self, model: nn.Module, layer: str, images: torch.Tensor, **kwargs: Any) -> InversionResult:
         """Like :func:`invert`, but returns the stored result when the same inversion was already run."""
         self.requests += 1
         settings = tuple(sorted((k, repr(v)) for k, v in kwargs.items() if k not in ("progress", "check_cut")))
         key = (id(model), layer, id(images), settings)
+        fingerprint = (model_fingerprint(model), tensor_fingerprint([images]))
         entry = self._entries.get(key)
         if entry is not None and entry[0] is model and entry[1] is images:
-            return entry[2]
+            if entry[2] == fingerprint:
+                return entry[3]
+            self.stale += 1
         result = invert(model, layer, images, **kwargs)
-        self._entries[key] = (model, images, result)
+        self._entries[key] = (model, images, fingerprint, result)
         self.performed += 1
         return result
 
@@ -278,10 +335,11 @@ def representation_grams(
     unbiased: bool = False,
     max_feature_bytes: int = 2**31,
 ) -> dict[str, torch.Tensor]:
-    """Centred float64 Gram matrices [n, n] of ``model``'s layers on raw [0, 1] ``images`` (no grad, eval mode).
+    """Centred float64 Gram matrices [n, n] (on the CPU) of ``model``'s layers on raw [0, 1] ``images``.
 
-    Layers are evaluated together in one forward pass per batch, split into several passes only when their
-    features for all n images would exceed ``max_feature_bytes``.
+    Runs without gradients and in eval mode. Layers are evaluated together in one forward pass per batch, split
+    into several passes only when their features for all n images would exceed ``max_feature_bytes`` (the
+    features stay on the model's device until their Gram is built there).
     """
     device = _device_of(model)
     n = images.shape[0]
@@ -292,13 +350,48 @@ def representation_grams(
             parts: dict[str, list[torch.Tensor]] = {name: [] for name in group}
             for start in range(0, n, batch_size):
                 pixels = normalization(images[start : start + batch_size].to(device, torch.float32))
-                reps = layer_representations(model, pixels, group, tokens)
+                reps = layer_representations(model, pixels, group, tokens, on_model_device=True)
                 for name in group:
                     parts[name].append(reps[name])
-            for name in group:
+            for name in group:  # the Gram is built on the model's device; only the n x n result comes back
                 grams[name] = center_gram(gram_linear(torch.cat(parts[name])), unbiased=unbiased)
             del parts
     return {name: grams[name] for name in layers}
+
+
+def noise_images(image_shape: Sequence[int], n: int, seed: int = 0) -> torch.Tensor:
+    """Pure-noise stand-ins for n images: the inversion's starting noise (:func:`start_noise`, same seeds) clamped to
+    [0, 1], i.e. an X' that no search step has informed."""
+    return start_noise(image_shape, seed, range(n)).clamp_(0.0, 1.0)
+
+
+def noise_baseline(
+    model: nn.Module,
+    images: torch.Tensor,
+    layers: Sequence[str] | None = None,
+    *,
+    tokens: TokenMode = "flatten",
+    seed: int = 0,
+    batch_size: int = 32,
+    unbiased: bool = False,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+    processor: Any = None,
+    normalization: Normalization | None = None,
+) -> dict[str, float]:
+    """Per layer l, CKA(M_l(X), M_l(N)) with N = :func:`noise_images`: the noise floor of STIR at that layer.
+
+    STIR(M_l | .) = CKA(M_l(X), M_l(X')); this is the value it takes when X' carries no information about X at all.
+    With many features per example (``tokens="flatten"``) and the biased estimator it is far above 0, so a STIR
+    value is only evidence of shared invariance by how far it rises above this floor.
+    """
+    _check_images(images)
+    norm = normalization or resolve_normalization(model, mean, std, processor)
+    names = list(layers) if layers is not None else layer_names(model)
+    common = {"tokens": tokens, "normalization": norm, "batch_size": batch_size, "unbiased": unbiased}
+    clean = representation_grams(model, images, names, **common)
+    noise = representation_grams(model, noise_images(images.shape[1:], images.shape[0], seed), names, **common)
+    return {name: cka_from_grams(clean[name], noise[name], unbiased=unbiased, centered=True) for name in names}
 
 
 def stir(

@@ -31,7 +31,7 @@ def _stub_diffusers() -> None:
 
 _stub_diffusers()
 
-import peft_ssf  # noqa: E402  (registers SSF with PEFT)
+import peft_ssf  # noqa: E402,F401  (registers SSF with PEFT)
 from peft_ssf import SSFConfig  # noqa: E402
 
 # Same model ids and layer kinds as PEFT's IA3 / LN-tuning rows: Linear MLP, transformers Conv1D + Embedding,
@@ -74,6 +74,15 @@ SSF_MIXED_ADAPTER_TEST_CASES = [
 
 _SUITE_MODULE = "test_custom_models"
 
+# (test function, case name) -> why PEFT's test does not apply; the same kind of exemption PEFT grants its own
+# methods that are not an identity at initialisation (e.g. DEFT's PaRa in test_disable_adapters).
+SKIPS = {
+    ("test_disable_adapters", "Vanilla MLP 6 SSF paper init"):
+        "init_weights='paper' draws scale ~ N(1, 0.02), shift ~ N(0, 0.02) on purpose: not an identity at init",
+    ("test_disable_adapters_with_merging", "Vanilla MLP 6 SSF paper init"):
+        "init_weights='paper' draws scale ~ N(1, 0.02), shift ~ N(0, 0.02) on purpose: not an identity at init",
+}
+
 
 def _extend(module: types.ModuleType) -> None:
     if getattr(module, "_ssf_cases_added", False):
@@ -107,6 +116,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     keep, drop = [], []
     for item in items:
         (keep if _involves_ssf(item) else drop).append(item)
+        case = getattr(item, "callspec", None) and item.callspec.params.get("test_name")
+        reason = SKIPS.get((item.originalname, case))
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep

@@ -1,0 +1,98 @@
+"""The one loader of saved models: a transformers checkpoint, or a PEFT adapter directory on top of its base.
+
+``load_model(path)`` is what the apps call: a directory with ``adapter_config.json`` is an adapter (of any PEFT
+method, SSF included), anything else a transformers checkpoint (directory or Hub id). An adapter whose
+``modules_to_save`` head has another size than the base's gets a base with a head of that size, so adapters
+trained on a new label set load without mismatch errors (``AutoPeftModel`` cannot do that: it loads the base
+as saved).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from torch import nn
+
+from ..errors import UserError
+from .methods import HEAD_NAMES, load_classifier
+
+PathLike = Union[str, Path]
+
+
+class AdapterLoadError(UserError, ValueError):
+    """An adapter directory cannot be loaded as asked (missing files, no base model); the message says what to do."""
+
+
+def load_pretrained(path: PathLike, id2label: Optional[dict[int, str]] = None) -> nn.Module:
+    """A transformers checkpoint: its image-classification class when it has one (or ``id2label`` is given),
+    else the bare ``AutoModel``."""
+    from transformers import AutoConfig, AutoModel
+
+    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    if id2label is not None or any(a.endswith("ForImageClassification") for a in archs):
+        return load_classifier(path, id2label)
+    return AutoModel.from_pretrained(str(path))
+
+
+def adapter_head_size(adapter_dir: PathLike) -> Optional[int]:
+    """Number of classes of a ``modules_to_save`` classifier head stored in an adapter, if it has one."""
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        for key in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
+            shape = fh.get_slice(key).get_shape()
+            if any(key.endswith(f"{h}.weight") for h in HEAD_NAMES) and len(shape) == 2:
+                return int(shape[0])
+    return None
+
+
+def resolve_base(adapter_dir: Path, base: Optional[PathLike] = None) -> str:
+    """The base model to load: ``base`` if given, else the one the adapter config records (a path or Hub id)."""
+    if base:
+        return str(base)
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise AdapterLoadError(f"{adapter_dir} has no adapter_config.json: is it a directory written by "
+                               "save_pretrained?")
+    recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise AdapterLoadError(f"{adapter_dir}/adapter_config.json records no base model: pass --base PATH_OR_ID")
+    beside = Path(adapter_dir) / recorded
+    return str(beside) if not Path(recorded).exists() and beside.is_dir() else recorded
+
+
+def load_adapter(adapter: PathLike, base: Optional[PathLike] = None, merge: bool = False) -> nn.Module:
+    """Base model + adapter from ``adapter`` (a ``save_pretrained`` directory), in eval mode.
+
+    ``base`` defaults to the base recorded in the adapter config. ``merge=True`` folds the adapter into the base
+    (``merge_and_unload``) and returns the plain transformers model. Raises ``AdapterLoadError`` with a one-line
+    reason when the directory or its base model cannot be found.
+    """
+    from peft import PeftModel  # (SSF is registered: importing peft_ssf, which holds this module, did that)
+    from transformers import AutoConfig
+
+    adapter_dir = Path(adapter)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise AdapterLoadError(f"{adapter_dir} has no adapter_config.json: is it a directory written by "
+                               "save_pretrained?")
+    base_path = resolve_base(adapter_dir, base)
+    head = adapter_head_size(adapter_dir)
+    try:
+        same_head = head is None or AutoConfig.from_pretrained(base_path).num_labels == head
+        model = load_pretrained(base_path, None if same_head else {i: f"LABEL_{i}" for i in range(head)})
+    except OSError as exc:
+        raise AdapterLoadError(f"cannot load the base model {base_path!r} of {adapter_dir} "
+                               f"({str(exc).splitlines()[0]}); pass --base PATH_OR_ID") from exc
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return (peft_model.merge_and_unload() if merge else peft_model).eval()
+
+
+def load_model(path: PathLike, base: Optional[PathLike] = None, merge: bool = False) -> nn.Module:
+    """A saved model in eval mode: an adapter directory (see ``load_adapter``) or a transformers checkpoint."""
+    if (Path(path) / "adapter_config.json").is_file():
+        return load_adapter(path, base, merge)
+    return load_pretrained(path).eval()

@@ -1,0 +1,118 @@
+"""The scale guard: which fused SSF sites may rebuild their input from their output in this training forward.
+
+The fused op (``ops.scale_shift_fused``) keeps its output ``y`` and gets the scale gradient by dividing by the scale,
+which is only accurate while every ``|scale| >= RECONSTRUCT_MIN_SCALE``; a site with a smaller scale keeps its input
+instead. Deciding that needs the scale values on the host. Reading them per site would cost one host-device sync per
+site per forward, and caching the answer per parameter version is unsound: fused and foreach optimizers
+(``AdamW(fused=True)``, the Trainer's default) and writes through ``.data`` change values without bumping the
+version counter.
+
+So ``SSFModel`` checks every active scale of the model once at the start of each training forward, in one batched
+reduction and one sync (``scale_guard``), and each site looks its answer up (``site_may_keep_output``). Sharded
+parameters (FSDP2 ``DTensor``) are reduced over their mesh, so every rank sees the global minimum. Outside such a
+forward (a layer called directly, ``inject_adapter_in_model`` without ``PeftModel``) a site checks its own scale;
+under ``torch.compile`` the caller uses the naive op instead, which needs no decision at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+
+#: Below this magnitude dividing by the scale (to get the scale gradient from the output) amplifies rounding noise.
+RECONSTRUCT_MIN_SCALE = 1e-3
+
+_LOCAL = threading.local()
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    data = param.detach()
+    return data.to_local() if _is_dtensor(data) else data
+
+
+def _min_abs(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``min |t|`` over all ``tensors`` (their local shards), as a 1-element float32 tensor (``+inf`` if empty)."""
+    local = [_local(t).reshape(-1) for t in tensors]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in local:
+        by_device.setdefault(t.device, []).append(t.float() if t.dtype != torch.float32 else t)
+    mins = [torch.cat(ts).abs().amin() if sum(t.numel() for t in ts) else torch.tensor(float("inf"), device=dev)
+            for dev, ts in by_device.items()]
+    first = local[0].device
+    return torch.stack([m.to(first) for m in mins]).amin().reshape(1)
+
+
+def _all_reduce_min(mins: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """Global minimum over the ranks that share the sharded parameters (one collective for all of them)."""
+    import torch.distributed as dist
+
+    meshes = [p.device_mesh for p in params if _is_dtensor(p)]
+    if not meshes or not dist.is_available() or not dist.is_initialized():
+        return mins
+    mesh = meshes[0]
+    group = mesh.get_group() if mesh.ndim == 1 else None  # several mesh dims: all ranks (a superset is still safe)
+    mins = mins.to(mesh.device_type) if mins.device.type != mesh.device_type else mins
+    dist.all_reduce(mins, op=dist.ReduceOp.MIN, group=group)
+    return mins
+
+
+def _checked_min(tensors: list[torch.Tensor]) -> torch.Tensor:
+    mins = _min_abs(tensors)
+    if any(_is_dtensor(t) for t in tensors):
+        mins = _all_reduce_min(mins, tensors)
+    return mins
+
+
+def scales_reconstructible(params: list[torch.Tensor]) -> list[bool]:
+    """For each scale vector: whether all its entries have ``|scale| >= RECONSTRUCT_MIN_SCALE``.
+
+    One concatenation, one reduction and one host sync for all of them in the common case (every scale large
+    enough); only when some scale is small is each vector checked on its own.
+    """
+    if not params:
+        return []
+    if bool(_checked_min(params) >= RECONSTRUCT_MIN_SCALE):
+        return [True] * len(params)
+    return [bool(_checked_min([p]) >= RECONSTRUCT_MIN_SCALE) for p in params]
+
+
+class _Flags:
+    """Answers of one training forward: ``{(id(layer), adapter): may_keep_output}``."""
+
+    __slots__ = ("flags",)
+
+    def __init__(self, flags: dict[tuple[int, str], bool]) -> None:
+        self.flags = flags
+
+
+@contextmanager
+def scale_guard(sites: Iterable[tuple[object, str, torch.Tensor]]) -> Iterator[None]:
+    """Check every ``(layer, adapter, scale)`` once for the forward inside (a nested forward reuses the outer one)."""
+    if getattr(_LOCAL, "flags", None) is not None:
+        yield
+        return
+    sites = list(sites)
+    answers = scales_reconstructible([scale for _, _, scale in sites])
+    _LOCAL.flags = _Flags({(id(layer), adapter): ok for (layer, adapter, _), ok in zip(sites, answers)})
+    try:
+        yield
+    finally:
+        _LOCAL.flags = None
+
+
+def site_may_keep_output(layer: object, adapter: str, scale: torch.Tensor) -> bool:
+    """Whether the fused op at this site may keep its output: the forward's answer, else a check of its own."""
+    current: Optional[_Flags] = getattr(_LOCAL, "flags", None)
+    if current is not None:
+        answer = current.flags.get((id(layer), adapter))
+        if answer is not None:
+            return answer
+    return scales_reconstructible([scale])[0]

@@ -1,0 +1,202 @@
+"""The command line and the package's shape: a light core, a fast `--help`, one-line user errors, no import cycles."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_vit
+from peft import get_peft_model
+
+import peft_ssf_cli
+from peft_ssf import SSFConfig
+
+REPO = Path(__file__).resolve().parents[1]
+APP_MODULES = ("peft_ssf.train", "peft_ssf.cli", "peft_ssf.demo", "peft_ssf.analysis", "peft_ssf.engine",
+               "peft_ssf_cli")
+HEAVY_EXTRAS = ("datasets", "evaluate", "matplotlib")
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint('\\n'.join(sys.modules))"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    return set(out.split())
+
+
+def test_import_peft_ssf_loads_nothing_beyond_peft_but_the_core():
+    """`import peft` already brings torch, transformers, accelerate and PIL; the tuner adds only its own core."""
+    plain = _modules_after("import peft")
+    ours = _modules_after("import peft_ssf")
+    extra = sorted(ours - plain)
+    assert all(m == "peft_ssf" or m.startswith("peft_ssf.") for m in extra), extra
+    assert not [m for m in ours if m.split(".")[0] in HEAVY_EXTRAS]
+    assert not [m for m in ours if m.startswith(APP_MODULES)]
+
+
+def test_help_is_fast_and_imports_no_framework():
+    modules = _modules_after("import peft_ssf_cli\npeft_ssf_cli.build_parser().format_help()")
+    assert not {"torch", "transformers", "peft", "peft_ssf"} & modules
+    script = Path(sys.executable).with_name("peft-ssf")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "peft_ssf_cli"]
+    for args in (["--help"], ["train", "--help"], ["demo", "--help"]):
+        start = time.perf_counter()
+        res = subprocess.run(command + args, capture_output=True, text=True, timeout=60)
+        seconds = time.perf_counter() - start
+        assert res.returncode == 0 and "usage: peft-ssf" in res.stdout, res.stderr
+        assert seconds < 1.0, f"peft-ssf {' '.join(args)} took {seconds:.2f} s"
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the modules of ours it imports (anywhere in the file, lazy imports included)."""
+    files = [*REPO.glob("peft_ssf/**/*.py"), *REPO.glob("peft_ssf_cli/**/*.py")]
+    names = {}
+    for f in files:
+        parts = list(f.relative_to(REPO).with_suffix("").parts)
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in names.items():
+        package = name if f.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                subs = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in names]
+                deps.update(subs or [target])
+        # importing one's own parent package is always a no-op (it is being initialised)
+        graph[name] = {d for d in deps if d in names and d != name and not name.startswith(d + ".")}
+    return graph
+
+
+def test_no_import_cycles_and_the_core_never_imports_the_apps():
+    graph = _import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path[path.index(dep):], dep])
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    core = ("peft_ssf.config", "peft_ssf.layer", "peft_ssf.model", "peft_ssf.ops", "peft_ssf.residual",
+            "peft_ssf.registration", "peft_ssf.presets", "peft_ssf.hub", "peft_ssf")
+    for module in core:
+        assert not [d for d in graph[module] if d.startswith(APP_MODULES)], module
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_option_has_help_and_shows_its_default():
+    parser = peft_ssf_cli.build_parser()
+    for command, sub in _subparsers(parser).items():
+        if command == "analyze":  # its options come from peft_ssf.analysis (checked there)
+            continue
+        for action in sub._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or "-h" in action.option_strings:
+                continue
+            shown = sub._get_formatter()._get_help_string(action) % {"default": action.default}
+            assert action.help, f"{command} {action.option_strings[0]} has no help"
+            assert "default" in shown or "(required)" in shown, f"{command} {action.option_strings[0]}: {shown}"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_vit(num_labels=3).save_pretrained(root / "base")
+    model = get_peft_model(tiny_vit(num_labels=3), SSFConfig(modules_to_save=["classifier"]))
+    model.save_pretrained(root / "no_base")  # built from a config: records no base model
+    (root / "occupied").mkdir()
+    (root / "occupied" / "keep.txt").write_text("x")
+    (root / "data" / "train" / "a").mkdir(parents=True)
+    return root
+
+
+def _bad_invocations(root: Path) -> list[tuple[list[str], str]]:
+    """(argv, what the one-line error must say) for every subcommand."""
+    base, occupied, data = str(root / "base"), str(root / "occupied"), str(root / "data")
+    out, missing = str(root / "new"), str(root / "missing")
+    train = ["train", "--model", base, "--dataset", data, "--output_dir"]
+    return [
+        (["bogus"], "invalid choice: 'bogus'"),
+        (["train"], "the following arguments are required: --model, --dataset, --output_dir"),
+        ([*train, out, "--epochs", "many"], "argument --epochs: invalid float value: 'many'"),
+        ([*train, occupied], "already exists and is not empty"),
+        ([*train, out, "--method", "full", "--save_merged"], "--save_merged and --push_to_hub apply to SSF"),
+        (["train", "--model", base, "--dataset", missing, "--output_dir", out], "cannot load dataset"),
+        (["train", "--model", missing, "--dataset", data, "--output_dir", out], "cannot load"),
+        (["merge", "--adapter", missing, "--out", out], "has no adapter_config.json"),
+        (["merge", "--adapter", str(root / "no_base"), "--out", out], "records no base model: pass --base"),
+        (["merge", "--adapter", str(root / "no_base"), "--base", missing, "--out", out], "cannot load the base"),
+        (["merge", "--adapter", str(root / "no_base"), "--base", base, "--out", occupied], "already exists"),
+        (["merge", "--adapter", str(root / "no_base")], "the following arguments are required: --out"),
+        (["push", "--repo_id", "a/b"], "the following arguments are required: --adapter"),
+        (["push", "--adapter", missing, "--repo_id", "a/b"], "has no adapter_config.json"),
+        (["demo", "--task", "nope"], "invalid choice: 'nope'"),
+        (["demo", "--out", occupied], "already exists and is not empty"),
+        (["demo", "--threads", "two"], "invalid int value: 'two'"),
+        (["analyze"], "the following arguments are required"),
+        (["analyze", "--pretrained", missing, "--finetuned", missing, "--images", data, "--out", out],
+         "not found"),
+    ]
+
+
+def test_bad_invocations_are_one_line_errors_with_status_2(adapters, capsys):
+    for argv, expected in _bad_invocations(adapters):
+        try:
+            status = peft_ssf_cli.main(argv)
+        except SystemExit as exc:  # argparse's own exit
+            status = exc.code
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert status == 2, (argv, status, err)
+        assert len(lines) == 1 and lines[0].startswith("peft-ssf"), (argv, err)
+        assert expected in lines[0], (argv, lines[0])
+        assert "Traceback" not in out + err
+
+
+def test_console_script_errors_have_no_traceback(adapters):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = ["merge", "--adapter", str(adapters / "no_base"), "--out", str(adapters / "new")]
+    res = subprocess.run([sys.executable, "-m", "peft_ssf_cli", *argv], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"peft-ssf merge: error: {adapters / 'no_base'}/adapter_config.json records no base model: pass --base "
+        "PATH_OR_ID"]
+
+
+def test_missing_optional_dependency_names_the_extra(adapters, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    status = peft_ssf_cli.main(["train", "--model", str(adapters / "base"), "--dataset", str(adapters / "data"),
+                                "--output_dir", str(adapters / "new")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err == ("peft-ssf train: error: missing optional dependency 'datasets': "
+                                   "pip install 'peft-ssf[train]'")
+
+
+def test_merge_writes_a_deployable_model(adapters, capsys):
+    from transformers import AutoModelForImageClassification
+
+    out = adapters / "merged"
+    assert peft_ssf_cli.main(["merge", "--adapter", str(adapters / "no_base"), "--base", str(adapters / "base"),
+                              "--out", str(out), "--no_progress"]) == 0
+    assert "merged model written" in capsys.readouterr().out
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
+    assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 3
