@@ -1,9 +1,11 @@
 """Fine-tune the demo backbone three ways (full, SSF, head only) on one target task and save the models for the
 invariance analysis (``examples/analyze_finetuning.py --pretrained ... --finetuned ... --images ...``).
 
-The recipe is the transfer benchmark's (``benchmarks/transfer.py``: AdamW, warm-up + cosine, batch 32, weight decay on
-matrices only, no augmentation), at the learning rate the benchmark selected on validation for this task and method
-(read from ``benchmarks/results/transfer.json``; ``--lr METHOD=RATE`` overrides), seed 0.
+The models, data and recipe are the transfer benchmark's, which are the engine's (``benchmarks/transfer.py`` over
+``peft_ssf.engine``: ``build_model``, ``to_pixel_values``, ``fit`` with AdamW, warm-up + cosine, batch 32, weight decay
+on the head's weight matrix only, no augmentation), at the learning rate and epochs the benchmark selected on
+validation for this task and method (read from ``benchmarks/results/transfer.json``; ``--lr METHOD=RATE`` overrides),
+seed 0.
 
 Writes into ``--out``: ``pretrained/`` (a copy of the backbone), ``full/`` and ``head/`` (plain transformers dirs),
 ``ssf/`` (a PEFT adapter whose base is ``pretrained/``), ``data/<task>/`` (the task's imagefolder; the analysis reads
@@ -37,6 +39,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import transfer  # noqa: E402
 
 from peft_ssf.demo import BACKBONE_DIR, TARGET_TASKS, TASKS  # noqa: E402
+from peft_ssf.io import atomic_write  # noqa: E402
 
 METHODS = ("full", "ssf", "head")
 
@@ -92,14 +95,14 @@ def main(argv: list[str] | None = None) -> dict:
         if (target / "adapter_config.json").is_file():
             cfg = json.loads((target / "adapter_config.json").read_text())
             cfg["base_model_name_or_path"] = str(pre_dir.resolve())
-            (target / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+            atomic_write(target / "adapter_config.json", json.dumps(cfg, indent=2))
         else:
-            (target / "preprocessor_config.json").write_text(processor)
+            atomic_write(target / "preprocessor_config.json", processor)
         print(f"{method}: lr {lrs[method]:g}, {epochs} epochs, val {rec['val_acc']:.3f} test {rec['test_acc']:.3f} "
               f"({time.time() - t0:.0f}s) -> {target}", flush=True)
     summary = {"task": args.task, "epochs": epochs, "seed": args.seed, "accuracy": accuracy,
                "backbone_sha256": protocol.backbone_sha256}
-    (args.out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(args.out / "accuracy.json", json.dumps(summary, indent=1) + "\n")
     return summary
 
 

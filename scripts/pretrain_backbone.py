@@ -1,8 +1,8 @@
 """Pretrain the small demo ViT on the synthetic source task and save it to ``peft_ssf/demo/backbone/``.
 
 Why: SSF adapts a *pretrained* model. The project runs offline and cannot download ViT-B/16, so it ships a
-~0.8M-parameter ViT (32x32 inputs, 4x4 patches) pretrained here from scratch on CPU. The demo and the transfer
-benchmark fine-tune it on the target tasks of ``peft_ssf.demo.data``.
+~1.2M-parameter ViT (32x32 inputs, 8x8 patches, 6 layers) pretrained here from scratch on CPU. The demo and the
+transfer benchmark fine-tune it on the target tasks of ``peft_ssf.demo.data``.
 
 Source task (``scenes``, see ``peft_ssf.demo.data``): one object per image with four labelled factors: shape (12),
 fill (outline / solid / striped), hue (6 bins) and background (a gradient or one of 6 texture families), and
@@ -21,6 +21,14 @@ reductions may group differently with another thread count, and on a shared 2-co
 fastest per CPU second). ``--resume`` continues from the state saved after every epoch (model, optimiser, schedule,
 generator), which gives the same weights as an uninterrupted run.
 
+Shared with the other apps (``peft_ssf.engine``): the parameter groups (``param_groups``: weight decay on the
+classifier's weight matrix only), the schedule (``warmup_cosine``: linear warm-up, then cosine decay to 0 over the
+remaining steps), the normalisation (``to_pixel_values``) and the image processor writer. The loop stays here: it
+streams a fresh chunk per epoch, sums one loss per factor and saves resumable state, which ``engine.fit`` does not.
+The shipped checkpoint predates that switch: it was trained with weight decay on every weight matrix except the
+position and CLS embeddings, and with the cosine running over all steps (multiplied by the warm-up ramp). Rerunning
+this script now therefore gives a different checkpoint from the shipped one (see the backbone README).
+
     HF_HUB_OFFLINE=1 python scripts/pretrain_backbone.py --log pretrain.jsonl        # the shipped checkpoint
     HF_HUB_OFFLINE=1 python scripts/pretrain_backbone.py --max-steps 5 --out /tmp/bb  # quick determinism check
 """
@@ -30,7 +38,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -47,6 +54,7 @@ from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from peft_ssf import engine  # noqa: E402
 from peft_ssf.demo.data import (  # noqa: E402
     IMAGE_SIZE,
     SOURCE_FACTORS,
@@ -55,10 +63,12 @@ from peft_ssf.demo.data import (  # noqa: E402
     generate_task,
     source_stream,
 )
+from peft_ssf.io import atomic_write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "peft_ssf" / "demo" / "backbone"
-MEAN, STD = 0.5, 0.5  # the processor's normalisation: pixel / 255 -> (x - 0.5) / 0.5 in [-1, 1]
+#: the processor's normalisation: pixel / 255 -> (x - 0.5) / 0.5 in [-1, 1]
+NORM = engine.Normalization(IMAGE_SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pretraining")
 STATE_FILE = "training_state.pt"  # resume state, written next to the checkpoint during training, removed at the end
 
 
@@ -89,11 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help=f"continue from {STATE_FILE} in --out")
     p.add_argument("--no-readme", action="store_true", help="do not write README.md into --out")
     return p.parse_args(argv)
-
-
-def to_input(images_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] normalised exactly like the saved ViTImageProcessor."""
-    return (images_u8.permute(0, 3, 1, 2).float() / 255.0 - MEAN) / STD
 
 
 def factor_slices(objective: str) -> dict[str, slice]:
@@ -167,24 +172,6 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only (not on biases, norms, position / CLS embeddings): the usual ViT recipe."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and not name.endswith(("cls_token", "position_embeddings")) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def save_processor(out: Path) -> None:
-    """A ViT image processor built offline: resize to 32x32, rescale to [0, 1], normalise with mean = std = 0.5."""
-    try:
-        from transformers import ViTImageProcessorPil as Processor  # transformers 5: no torchvision needed
-    except ImportError:  # older transformers
-        from transformers import ViTImageProcessor as Processor
-    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    Processor(size=size, image_mean=[MEAN] * 3, image_std=[STD] * 3).save_pretrained(out)
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -196,20 +183,17 @@ def main(argv: list[str] | None = None) -> dict:
     t0, c0 = time.time(), time.process_time()
 
     held_out = generate_task(SOURCE_TASK, seed=args.seed, n_train=0, n_val=args.n_val, n_test=args.n_test)
-    x_val, f_val = to_input(torch.from_numpy(held_out["validation"].images)), torch.from_numpy(
+    x_val, f_val = engine.to_pixel_values(held_out["validation"].images, NORM), torch.from_numpy(
         held_out["validation"].factors)
-    x_test, f_test = to_input(torch.from_numpy(held_out["test"].images)), torch.from_numpy(held_out["test"].factors)
+    x_test, f_test = engine.to_pixel_values(held_out["test"].images, NORM), torch.from_numpy(held_out["test"].factors)
     slices = factor_slices(args.objective)
 
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    opt = engine.make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = args.chunk // args.batch_size  # drop the last partial batch: fixed shapes, simpler
     total = args.epochs * steps_per_epoch
-    warmup = max(1, int(args.warmup_frac * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
-    )
+    sched = engine.warmup_cosine(opt, total, args.warmup_frac)
     gen = torch.Generator().manual_seed(args.seed)  # batch order
     history: list[dict] = []
     start_epoch, step, cpu_before = 0, 0, 0.0
@@ -234,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         running, seen = 0.0, 0
         for i in range(steps_per_epoch):
             idx = order[i * args.batch_size: (i + 1) * args.batch_size]
-            loss = loss_fn(model(pixel_values=to_input(x_chunk[idx])).logits, f_chunk[idx], slices,
+            loss = loss_fn(model(pixel_values=engine.to_pixel_values(x_chunk[idx], NORM)).logits, f_chunk[idx], slices,
                            args.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -257,17 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
         if args.max_steps is not None and step >= args.max_steps:
             break
         args.out.mkdir(parents=True, exist_ok=True)
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "gen": gen.get_state(), "epoch": epoch + 1, "step": step, "history": history, "cpu_s": cpu},
-                   tmp)
-        tmp.replace(state_path)
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "gen": gen.get_state(), "epoch": epoch + 1, "step": step, "history": history, "cpu_s": cpu}
+        atomic_write(state_path, lambda fh, state=state: torch.save(state, fh))
 
     test = accuracy(model, x_test, f_test, slices)
     wall = time.time() - t0
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    save_processor(args.out)
+    engine.save_image_processor(args.out, None, NORM)
     state_path.unlink(missing_ok=True)
     digest = sha256(args.out / "model.safetensors")
     summary = {
@@ -279,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
         "argv": sys.argv[1:] if argv is None else argv,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}), flush=True)
-    (args.out / "pretrain_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(args.out / "pretrain_summary.json", json.dumps(summary, indent=1) + "\n")
     if args.max_steps is None and not args.no_readme:
         write_curve(summary, args.out / "curve.png")
         write_readme(args, summary)
@@ -309,7 +291,7 @@ def write_curve(s: dict, path: Path) -> None:
     ax2.set_yscale("log")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -329,8 +311,9 @@ def write_readme(args: argparse.Namespace, s: dict) -> None:
          else "cross-entropy on the shape"),
         ("data", f"{args.epochs} epochs x {args.chunk:,} fresh scenes (`source_stream`, seed {args.seed}): "
                  f"{s['steps'] * args.batch_size:,} images, none seen twice; no augmentation"),
-        ("recipe", f"AdamW lr {args.lr}, betas 0.9 / 0.999, wd {args.weight_decay} (matrices only), batch "
-                   f"{args.batch_size}, {s['steps']:,} steps, {args.warmup_frac:.0%} linear warmup then cosine to 0, "
+        ("recipe", f"AdamW lr {args.lr}, betas 0.9 / 0.999, wd {args.weight_decay} (the engine's rule: classifier "
+                   f"weight matrix only), batch {args.batch_size}, {s['steps']:,} steps, {args.warmup_frac:.0%} "
+                   "linear warmup then cosine to 0, "
                    f"label smoothing {args.label_smoothing}, grad-clip 1.0"),
         ("source accuracy (test)", f"{acc(s['test'])} ({spec.n_test if args.n_test is None else args.n_test} "
                                    f"test images per shape, {len(SOURCE_FACTORS['shape']) * args.n_test} in all)"),
@@ -391,7 +374,7 @@ from peft_ssf.demo import BACKBONE_DIR
 model = ViTForImageClassification.from_pretrained(BACKBONE_DIR, num_labels=6, ignore_mismatched_sizes=True)
 ```
 """
-    (args.out / "README.md").write_text(text)
+    atomic_write(args.out / "README.md", text)
 
 
 if __name__ == "__main__":
