@@ -77,7 +77,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 }
 LADDER: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
 LR_BOUNDS = (1e-6, 1.0)  # widening never goes beyond these
-DEFAULT_EPOCHS = 10  # on the demo backbone validation accuracy is flat well before (docs/transfer.md)
+DEFAULT_EPOCHS = 10  # pilots: within ~2 validation points of 30 epochs on the demo backbone (docs/transfer.md)
 N_CURVE_POINTS = 10  # validation accuracy is recorded at about this many epochs of every run
 DEFAULT_METHODS = ("ssf", "ssf_paper_init", "lora", "ia3", "ln_tuning", "head", "full")
 METHOD_LABELS = engine.METHODS  # the engine's one label table
