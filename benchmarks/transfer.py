@@ -1,33 +1,28 @@
 """Transfer benchmark: does SSF, through this plugin, adapt a pretrained backbone as well as the alternatives?
 
-Setup: the demo ViT (``peft_ssf/demo/backbone``, pretrained on the synthetic ``shapes_textures`` source task by
-``scripts/pretrain_backbone.py``) is adapted to the five target tasks of ``peft_ssf.demo.data`` (digits, texture,
-counting, orientation, position). Each task is written once as a ``datasets`` imagefolder (``make_task``), read
-back with ``load_task`` and kept in memory as tensors normalised with the backbone's image-processor mean / std.
+Setup: the demo ViT (``peft_ssf/demo/backbone``, pretrained on the synthetic ``scenes`` source task by
+``scripts/pretrain_backbone.py``) is adapted to the target tasks of ``peft_ssf.demo.data`` (``TARGET_TASKS``: real
+handwritten digits and synthetic texture, counting, orientation, position and relation tasks). Each task is written
+once as a ``datasets`` imagefolder (``make_task``), read back with ``load_task`` and kept in memory as pixel values
+normalised by the engine (``engine.image_normalization`` / ``to_pixel_values``: the backbone's image processor).
 
-Methods (every one trains the classifier head; all other weights frozen unless said):
+Methods: the engine's table (``peft_ssf.engine.methods``, built with ``engine.build_model``): SSF with identity and
+with paper init, LoRA, IA3, LN-tuning, BitFit (optional, not in the default set), head only, full fine-tuning. The
+head-only runs train the linear head on the frozen backbone's head inputs, computed once per task and worker
+(``engine.head_inputs``: same maths, the backbone has no dropout).
 
-* ``ssf``: ``SSFConfig(init_weights=True)``: scale 1 / shift 0 at start, paper placement (preset by model type);
-* ``ssf_paper_init``: ``SSFConfig(init_weights="paper")``: scale ~ N(1, 0.02), shift ~ N(0, 0.02);
-* ``lora``: ``LoraConfig(r=8, lora_alpha=16)`` on ``q_proj``, ``v_proj`` (the placement of the LoRA paper);
-* ``ia3``: ``IA3Config`` on ``k_proj``, ``v_proj``, ``fc2`` (``fc2`` as feed-forward: its input is scaled);
-* ``ln_tuning``: ``LNTuningConfig`` on every LayerNorm (``layernorm_before``, ``layernorm_after``, final norm);
-* ``bitfit`` (optional, not in the default set): every bias of the backbone;
-* ``head``: the linear head alone (trained on the frozen backbone's features, computed once per run: same maths,
-  the backbone has no dropout);
-* ``full``: every parameter.
-
-Protocol (identical for every method): plain torch loop, AdamW (betas 0.9 / 0.999, weight decay 0.05 on weight
-matrices only, 0 on biases, norms and every per-channel vector: decaying an SSF / IA3 scale pulls it towards 0,
-not towards the identity), batch 32 with the last partial batch kept, the same number of epochs for everyone,
-linear warm-up over the first 10 % of the steps then cosine decay to 0, gradient-norm clip 1.0, no augmentation
-(flips and shifts change the labels of ``orientation`` and ``position``), cross-entropy without smoothing.
-Learning rate: a 3-value grid per method; for each (task, method) the grid is run with seed 0 and the value with
-the best *final-epoch* validation accuracy is selected (ties: lower validation loss, then the smaller rate);
-seeds 0, 1, 2 are then reported at that rate (seed 0 is the grid run itself). The seed sets the head's
-initialisation, the paper-init SSF draw, LoRA's A init and the batch order; the data are the same for all seeds.
-Every number reported is from the model at the end of training: validation accuracy of the selected
-configuration and test accuracy of that same final model. The test split is never used to choose anything.
+Protocol (identical for every method): the engine's recipe and loop (``engine.fit``): AdamW (betas 0.9 / 0.999),
+weight decay 0.05 on the classifier head's weight matrix only (0 on everything else: decaying an SSF / IA3 scale
+pulls it towards 0, not towards the identity), batch 32 with the last partial batch kept, the same number of epochs
+for everyone, linear warm-up over the first 10 % of the steps then cosine decay to 0, gradient-norm clip 1.0, no
+augmentation (flips and shifts change the labels of ``orientation`` and ``position``), cross-entropy without
+smoothing. Learning rate: a grid per method (``LR_GRID``) on the half-decade ``LADDER``; for each (task, method) the
+grid is run with seed 0 and the value with the best *final-epoch* validation accuracy is selected (ties: lower
+validation loss, then the smaller rate); a selected rate at an edge of the grid adds the next ladder rate beyond that
+edge, until none is at an edge. Seeds 0, 1, 2 are then reported at that rate (seed 0 is the grid run itself). The
+seed sets the head's initialisation, the paper-init SSF draw, LoRA's A init and the batch order; the data are the
+same for all seeds. Every number reported is from the model at the end of training: validation accuracy of the
+selected configuration and test accuracy of that same final model. The test split is never used to choose anything.
 
     HF_HUB_OFFLINE=1 python benchmarks/transfer.py              # full suite: results/transfer.{json,md,png}
     HF_HUB_OFFLINE=1 python benchmarks/transfer.py --smoke --out /tmp/t   # one task, one seed, 1 epoch, tiny data
@@ -59,13 +54,17 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+
+from peft_ssf import engine  # noqa: E402
+from peft_ssf.io import atomic_write  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
-#: learning-rate grid per method (the head and the adapter share one rate)
+#: initial learning-rate grid per method (the head and the adapter share one rate), on the half-decade LADDER; a grid
+#: whose best rate is at an edge is widened by the next ladder value beyond that edge until it is not (see run_suite),
+#: so 3 starting values are enough to guarantee an interior selected rate
 LR_GRID: dict[str, tuple[float, ...]] = {
     "ssf": (3e-3, 1e-2, 3e-2),
     "ssf_paper_init": (3e-3, 1e-2, 3e-2),
@@ -76,19 +75,13 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "head": (3e-3, 1e-2, 3e-2),
     "full": (1e-4, 3e-4, 1e-3),
 }
+LADDER: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
+LR_BOUNDS = (1e-6, 1.0)  # widening never goes beyond these
+DEFAULT_EPOCHS = 10  # pilots: within ~2 validation points of 30 epochs on the demo backbone (docs/transfer.md)
+N_CURVE_POINTS = 10  # validation accuracy is recorded at about this many epochs of every run
 DEFAULT_METHODS = ("ssf", "ssf_paper_init", "lora", "ia3", "ln_tuning", "head", "full")
-METHOD_LABELS = {
-    "ssf": "SSF (identity init)",
-    "ssf_paper_init": "SSF (paper init)",
-    "lora": "LoRA r=8 (q, v)",
-    "ia3": "IA3 (k, v, fc2)",
-    "ln_tuning": "LN-tuning",
-    "bitfit": "BitFit (biases)",
-    "head": "head only",
-    "full": "full fine-tuning",
-}
+METHOD_LABELS = engine.METHODS  # the engine's one label table
 RECORD_KEYS = ("task", "method", "seed", "trainable_params", "val_acc", "test_acc", "train_seconds")
-HEAD = "classifier"
 WEIGHT_DECAY = 0.05
 WARMUP_FRAC = 0.1
 CLIP_NORM = 1.0
@@ -135,15 +128,6 @@ def count_checkpoint_params(weights: Path) -> int:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
-def processor_stats(backbone: Path) -> tuple[list[float], list[float]]:
-    """Image mean / std from the backbone's ``preprocessor_config.json`` (ImageNet-style 0.5 if there is none)."""
-    cfg = backbone / "preprocessor_config.json"
-    if not cfg.is_file():
-        return [0.5] * 3, [0.5] * 3
-    data = json.loads(cfg.read_text())
-    return list(data.get("image_mean", [0.5] * 3)), list(data.get("image_std", [0.5] * 3))
-
-
 def load_task_arrays(
     task: str, root: Path, seed: int, sizes: dict[str, int | None]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -176,81 +160,6 @@ def arrays_digest(splits: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
     return h.hexdigest()
 
 
-def to_input(images_u8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float [N, 3, H, W], rescaled to [0, 1] and normalised like the image processor."""
-    x = images_u8.permute(0, 3, 1, 2).float() / 255.0
-    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# methods
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_model(method: str, backbone: Path, num_labels: int, seed: int) -> nn.Module:
-    """The backbone with a fresh ``num_labels`` head, prepared for ``method``; only what it trains needs grad."""
-    from peft import IA3Config, LNTuningConfig, LoraConfig, get_peft_model
-    from transformers import ViTForImageClassification
-
-    import peft_ssf
-
-    torch.manual_seed(seed)  # the new head's init, the paper-init draw, LoRA's A
-    model = ViTForImageClassification.from_pretrained(backbone, num_labels=num_labels, ignore_mismatched_sizes=True)
-    head = [HEAD]
-    if method == "full":
-        return model.requires_grad_(True)
-    if method in ("head", "bitfit"):
-        model.requires_grad_(False)
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith(f"{HEAD}.") or (method == "bitfit" and name.endswith(".bias")))
-        return model
-    if method in ("ssf", "ssf_paper_init"):
-        config = peft_ssf.SSFConfig(modules_to_save=head, init_weights=True if method == "ssf" else "paper")
-    elif method == "lora":
-        config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                            modules_to_save=head)
-    elif method == "ia3":
-        config = IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"],
-                           modules_to_save=head)
-    elif method == "ln_tuning":
-        config = LNTuningConfig(target_modules=["layernorm_before", "layernorm_after", "layernorm"],
-                                modules_to_save=head)
-    else:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(LR_GRID)}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(model, config)
-
-
-def count_trainable(model: nn.Module) -> tuple[int, int]:
-    """(trainable parameters, of which in the classifier head)."""
-    total = head = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            total += p.numel()
-            head += p.numel() if f"{HEAD}." in f".{name}" else 0
-    return total, head
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on trainable weight matrices only (head, LoRA A / B, full fine-tuning's matrices)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over the first ``WARMUP_FRAC`` of ``total`` steps, then cosine decay to 0."""
-    warmup = max(1, round(WARMUP_FRAC * total))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # one run
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,61 +187,52 @@ def init_worker(data: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]], p
     hf_logging.set_verbosity_error()  # "newly initialised classifier" is expected
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore")
-    mean, std = processor_stats(Path(protocol.backbone))
-    _WORKER["data"] = {t: {s: (to_input(x, mean, std), y) for s, (x, y) in splits.items()}
+    norm = engine.image_normalization(protocol.backbone)
+    _WORKER["data"] = {t: {s: (engine.to_pixel_values(x, norm), y) for s, (x, y) in splits.items()}
                        for t, splits in data.items()}
     _WORKER["protocol"] = protocol
     _WORKER["num_labels"] = num_labels
 
 
-@torch.no_grad()
-def evaluate(fn: Any, x: torch.Tensor, y: torch.Tensor, bs: int = 512) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of logits ``fn(x_batch)``."""
-    logits = torch.cat([fn(x[i: i + bs]) for i in range(0, len(x), bs)])
-    return float((logits.argmax(-1) == y).float().mean()), float(F.cross_entropy(logits, y))
+def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, job: Job, protocol: Protocol,
+               curve: list | None = None, curve_data: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[float, int, tuple[float, float]]:
+    """``engine.fit`` with the benchmark's recipe; ``forward(xb)`` returns logits.
 
+    With ``curve`` (a list) and ``curve_data`` (validation x, y), appends ``[epoch, validation accuracy]`` at about
+    ``N_CURVE_POINTS`` evenly spaced epochs, the last one included. Returns (mean train loss of the last epoch,
+    steps, (wall, CPU) seconds spent on those evaluations, which callers subtract from the training time).
+    """
+    recipe = engine.Recipe(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=job.lr,
+                           weight_decay=WEIGHT_DECAY, warmup=WARMUP_FRAC, clip_norm=CLIP_NORM, seed=job.seed)
+    every = max(1, round(protocol.epochs / N_CURVE_POINTS))
+    spent = [0.0, 0.0]
 
-def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor, job: Job, protocol: Protocol
-               ) -> tuple[float, int]:
-    """The shared recipe; ``forward(xb)`` returns logits. Returns (mean train loss of the last epoch, steps)."""
-    opt = torch.optim.AdamW(param_groups(model), lr=job.lr, betas=(0.9, 0.999))
-    steps_per_epoch = math.ceil(len(x) / protocol.batch_size)
-    total = protocol.epochs * steps_per_epoch
-    sched = warmup_cosine(opt, total)
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(job.seed)
-    model.train()
-    last = 0.0
-    for _ in range(protocol.epochs):
-        running = 0.0
-        for idx in torch.randperm(len(x), generator=gen).split(protocol.batch_size):
-            loss = F.cross_entropy(forward(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
-            opt.step()
-            sched.step()
-            running += float(loss)
-        last = running / steps_per_epoch
-    model.eval()
-    return last, total
+    def on_epoch(epoch: int, _loss: float) -> None:
+        if curve is None or curve_data is None or not (epoch % every == 0 or epoch == protocol.epochs):
+            return
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.eval()
+        curve.append([epoch, round(engine.evaluate(forward, *curve_data)[0], 4)])
+        model.train()
+        spent[0], spent[1] = spent[0] + time.perf_counter() - t0, spent[1] + time.process_time() - c0
+
+    out = engine.fit(model, x, y, recipe, forward=forward, on_epoch=on_epoch)
+    return out["train_loss"], out["steps"], (spent[0], spent[1])
 
 
 def head_features(model: nn.Module, task: str, data: dict[str, tuple[torch.Tensor, torch.Tensor]]
                   ) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
-    """The frozen backbone's classifier input (final-norm CLS token) per split, cached per worker and task.
+    """The frozen backbone's classifier input per split (``engine.head_inputs``), cached per worker and task.
 
     Returns (features, (wall, CPU) seconds of the train split's forward pass).
     """
     cache = _WORKER.setdefault("features", {})
     if task not in cache:
-        model.eval()
         feats, seconds = {}, (0.0, 0.0)
         for split, (x, _) in data.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                feats[split] = torch.cat([model.vit(pixel_values=x[i: i + 512]).last_hidden_state[:, 0]
-                                          for i in range(0, len(x), 512)])
+            feats[split] = engine.head_inputs(model, x)
             if split == "train":
                 seconds = (time.perf_counter() - t0, time.process_time() - c0)
         cache[task] = (feats, seconds)
@@ -340,35 +240,45 @@ def head_features(model: nn.Module, task: str, data: dict[str, tuple[torch.Tenso
 
 
 def run_job(job: Job) -> dict[str, Any]:
-    """Train one (task, method, lr, seed) and evaluate the final model on validation and test."""
+    """Train one (task, method, lr, seed) and evaluate the final model on validation and test: the run's record."""
+    return train_job(job)[1]
+
+
+def train_job(job: Job) -> tuple[nn.Module, dict[str, Any]]:
+    """Like :func:`run_job`, and also returns the trained model (in a worker set up by :func:`init_worker`)."""
     protocol: Protocol = _WORKER["protocol"]
     data = _WORKER["data"][job.task]
     (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = data["train"], data["validation"], data["test"]
-    model = build_model(job.method, Path(protocol.backbone), _WORKER["num_labels"][job.task], job.seed)
-    trainable, head_params = count_trainable(model)
+    labels = {i: str(i) for i in range(_WORKER["num_labels"][job.task])}
+    model = engine.build_model(job.method, protocol.backbone, labels, job.seed)
+    trainable, head_params = engine.count_trainable(model)
+    curve: list[list[float]] = []
     t0, c0 = time.perf_counter(), time.process_time()
     if job.method == "head":  # frozen backbone without dropout: train the head on its features, computed once
         feats, feat_seconds = head_features(model, job.task, data)
-        head = model.classifier
+        head = getattr(model, engine.head_name(model))
         t0, c0 = time.perf_counter(), time.process_time()
-        train_loss, steps = train_loop(head, head, feats["train"], y_tr, job, protocol)
-        seconds = feat_seconds[0] + time.perf_counter() - t0  # charge the train split's feature pass to every run
-        cpu_seconds = feat_seconds[1] + time.process_time() - c0
-        val_acc, val_loss = evaluate(head, feats["validation"], y_va)
-        test_acc, _ = evaluate(head, feats["test"], y_te)
+        train_loss, steps, ev = train_loop(model, head, feats["train"], y_tr, job, protocol, curve,
+                                           (feats["validation"], y_va))
+        # charge the train split's feature pass to every run
+        seconds = feat_seconds[0] + time.perf_counter() - t0 - ev[0]
+        cpu_seconds = feat_seconds[1] + time.process_time() - c0 - ev[1]
+        val_acc, val_loss = engine.evaluate(head, feats["validation"], y_va)
+        test_acc, _ = engine.evaluate(head, feats["test"], y_te)
     else:
         def logits(xb: torch.Tensor) -> torch.Tensor:
             return model(pixel_values=xb).logits
 
-        train_loss, steps = train_loop(model, logits, x_tr, y_tr, job, protocol)
-        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
-        val_acc, val_loss = evaluate(logits, x_va, y_va)
-        test_acc, _ = evaluate(logits, x_te, y_te)
-    return {
+        train_loss, steps, ev = train_loop(model, logits, x_tr, y_tr, job, protocol, curve, (x_va, y_va))
+        seconds, cpu_seconds = time.perf_counter() - t0 - ev[0], time.process_time() - c0 - ev[1]
+        val_acc, val_loss = engine.evaluate(logits, x_va, y_va)
+        test_acc, _ = engine.evaluate(logits, x_te, y_te)
+    return model, {
         "task": job.task, "method": job.method, "seed": job.seed, "trainable_params": trainable,
         "val_acc": round(val_acc, 4), "test_acc": round(test_acc, 4), "train_seconds": round(seconds, 2),
         "train_cpu_seconds": round(cpu_seconds, 2), "lr": job.lr, "head_params": head_params,
         "val_loss": round(val_loss, 4), "train_loss": round(train_loss, 4), "steps": steps, "n_train": len(y_tr),
+        "val_curve": curve,
     }
 
 
@@ -380,6 +290,17 @@ def run_job(job: Job) -> dict[str, Any]:
 def select_lr(runs: Iterable[dict[str, Any]]) -> float:
     """Best final validation accuracy; ties -> lower validation loss, then the smaller learning rate."""
     return min(runs, key=lambda r: (-r["val_acc"], r["val_loss"], r["lr"]))["lr"]
+
+
+def widen_grid(grid: Sequence[float], selected: float) -> float | None:
+    """The next LADDER rate beyond the edge of ``grid`` that ``selected`` sits on; None if interior or at a bound."""
+    if selected == min(grid):
+        below = [v for v in LADDER if v < selected * 0.99 and v >= LR_BOUNDS[0]]
+        return max(below) if below else None
+    if selected == max(grid):
+        above = [v for v in LADDER if v > selected * 1.01 and v <= LR_BOUNDS[1]]
+        return min(above) if above else None
+    return None
 
 
 def _load_log(path: Path | None, protocol: Protocol, tasks: Sequence[str]) -> dict[tuple, dict[str, Any]]:
@@ -401,9 +322,10 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
     Returns (records of the selected rate for every seed, the selection per task/method, every run).
     """
     done = _load_log(args.runs_log, protocol, args.tasks)
-    grids = {m: (LR_GRID[m][1],) if args.smoke else LR_GRID[m] for m in args.methods}
+    grids = {m: (LR_GRID[m][len(LR_GRID[m]) // 2],) if args.smoke else LR_GRID[m] for m in args.methods}
     if args.lrs:
         grids = {m: tuple(args.lrs) for m in args.methods}
+    widen = not args.smoke and not args.no_widen
     runs: dict[Job, dict[str, Any]] = {}
     selection: dict[str, dict[str, Any]] = {}
     pending_grid = {(t, m): {Job(t, m, lr, args.seeds[0]) for lr in grids[m]}
@@ -424,13 +346,22 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
               f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)
 
     def followups(job: Job) -> list[Job]:
+        nonlocal n_total
         group = pending_grid.get((job.task, job.method))
         if group is None or not all(j in runs for j in group):
             return []
-        del pending_grid[(job.task, job.method)]
         lr = select_lr(runs[j] for j in group)
+        if widen and len(group) > 1:
+            extra = widen_grid(sorted(j.lr for j in group), lr)
+            if extra is not None:  # best rate at an edge: add the next ladder value beyond it and wait for it
+                new = Job(job.task, job.method, extra, args.seeds[0])
+                group.add(new)
+                n_total += 1
+                return [new]
+        del pending_grid[(job.task, job.method)]
         selection[f"{job.task}/{job.method}"] = {
             "task": job.task, "method": job.method, "selected_lr": lr,
+            "initial_grid": [f"{v:g}" for v in grids[job.method]],
             "grid": {f"{j.lr:g}": {"val_acc": runs[j]["val_acc"], "val_loss": runs[j]["val_loss"]}
                      for j in sorted(group, key=lambda j: j.lr)},
         }
@@ -566,12 +497,85 @@ def render_markdown(data: dict[str, Any]) -> str:
     grid_edge = [k for k, v in sel.items() if len(v["grid"]) > 1 and v["selected_lr"] in
                  (min(map(float, v["grid"])), max(map(float, v["grid"])))]
     lines += ["", f"Selected rate at an edge of its grid: {len(grid_edge)} of {len(sel)} (task, method) pairs"
-              + (f" ({', '.join(sorted(grid_edge))})." if grid_edge else "."),
-              "", f"Runs: {meta['n_runs']} ({meta['workers']} worker processes x {meta['threads']} thread), "
+              + (f" ({', '.join(sorted(grid_edge))})." if grid_edge else "."), ""]
+    lines += render_grids(data, list(summary)) + render_checks(data, summary) + render_convergence(data, list(summary))
+    lines += [f"Runs: {meta['n_runs']} ({meta['workers']} worker processes x {meta['threads']} thread), "
               f"wall time {meta['wall_seconds'] / 60:.1f} min on {meta['cpu']} (training CPU time of all runs: "
               f"{meta.get('train_cpu_seconds_total', math.nan) / 60:.1f} min); {meta['date']}, "
               f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}."]
     return "\n".join(lines) + "\n"
+
+
+def render_grids(data: dict[str, Any], methods: list[str]) -> list[str]:
+    """Each (task, method)'s final grid (lowest .. highest rate tried), selected rate and how often it was widened."""
+    tasks, sel = data["meta"]["tasks"], data.get("lr_selection", {})
+    initial = data["meta"]["protocol"].get("lr_grid", {})
+    lines = ["Learning-rate grids: selected rate [lowest .. highest rate tried] (+n: values added beyond the initial "
+             "grid because the best rate sat on its edge). Initial grids: "
+             + "; ".join(f"{METHOD_LABELS.get(m, m)} {', '.join(f'{float(v):g}' for v in initial[m])}"
+                         for m in methods if m in initial) + ".", "",
+             "| method | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for method in methods:
+        cells = []
+        for t in tasks:
+            v = sel.get(f"{t}/{method}")
+            if v is None:
+                cells.append("-")
+                continue
+            grid = sorted(map(float, v["grid"]))
+            added = len(grid) - len(v.get("initial_grid", grid))
+            cells.append(f"{v['selected_lr']:g} [{grid[0]:g} .. {grid[-1]:g}]" + (f" +{added}" if added else ""))
+        lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def render_checks(data: dict[str, Any], summary: dict[str, dict[str, Any]]) -> list[str]:
+    """Per task: chance, full fine-tuning minus head only (test, mean over seeds), and the weakest method."""
+    tasks, num_labels = data["meta"]["tasks"], data["meta"].get("num_labels", {})
+    if "full" not in summary or "head" not in summary:
+        return []
+    lines = ["Does each task discriminate? Full fine-tuning minus head only (test accuracy, points), and the weakest "
+             "method against chance:", "", "| task | chance | full - head | weakest method (test) |",
+             "|---|---|---|---|"]
+    for t in tasks:
+        if t not in summary["full"]["per_task"] or t not in summary["head"]["per_task"]:
+            continue
+        gap = 100 * (summary["full"]["per_task"][t][0] - summary["head"]["per_task"][t][0])
+        weakest = min((s["per_task"][t][0], m) for m, s in summary.items() if t in s["per_task"])
+        chance = 100 / num_labels[t] if t in num_labels else math.nan
+        lines.append(f"| {t} | {chance:.1f} | {gap:+.1f} | {METHOD_LABELS.get(weakest[1], weakest[1])} "
+                     f"{100 * weakest[0]:.1f} |")
+    return lines + [""]
+
+
+def render_convergence(data: dict[str, Any], methods: list[str]) -> list[str]:
+    """How much the selected seed-0 runs still gained over the last third of training (validation accuracy)."""
+    tasks, sel = data["meta"]["tasks"], data.get("lr_selection", {})
+    runs = {(r["task"], r["method"], r["lr"], r["seed"]): r for r in data.get("all_runs", [])}
+    seed0 = data["meta"]["seeds"][0]
+    rows = []
+    for method in methods:
+        gains, drops = [], []
+        for t in tasks:
+            v = sel.get(f"{t}/{method}")
+            rec = runs.get((t, method, v["selected_lr"], seed0)) if v else None
+            curve = rec.get("val_curve") if rec else None
+            if not curve or len(curve) < 3:
+                continue
+            final_epoch, final = curve[-1]
+            earlier = [acc for epoch, acc in curve if epoch <= round(2 * final_epoch / 3)]
+            if earlier:
+                gains.append(100 * (final - earlier[-1]))
+            drops.append(100 * (max(acc for _, acc in curve) - final))
+        if gains:
+            rows.append(f"| {METHOD_LABELS.get(method, method)} | {statistics.fmean(gains):+.1f} | {max(gains):+.1f} "
+                        f"| {max(drops):.1f} |")
+    if not rows:
+        return []
+    return ["Convergence of the selected runs (seed 0, validation accuracy in points): gain from 2/3 of the epochs to "
+            "the end (mean over tasks, largest), and the largest drop from the curve's best point to the end:", "",
+            "| method | gain, last third (mean) | (largest) | best - final (largest) |", "|---|---|---|---|",
+            *rows, ""]
 
 
 def render_plot(data: dict[str, Any], path: Path) -> None:
@@ -600,7 +604,7 @@ def render_plot(data: dict[str, Any], path: Path) -> None:
                          color=colours(i), label=METHOD_LABELS.get(method, method))
     ax.set_xticks(range(len(cols)), cols)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Transfer from the shapes_textures backbone (mean ± std over seeds)")
+    ax.set_title(f"Transfer from {data['meta']['backbone_name']} (mean ± std over seeds)")
     ax.legend(fontsize=8, ncol=2, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     ax2.set_xscale("log")
@@ -609,15 +613,15 @@ def render_plot(data: dict[str, Any], path: Path) -> None:
     ax2.set_title("Accuracy vs trainable parameters")
     ax2.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
     plt.close(fig)
 
 
 def write_outputs(data: dict[str, Any], out: Path, plot: bool = True) -> None:
     """Write transfer.json / transfer.md (and transfer.png) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer.json").write_text(json.dumps(data, indent=1) + "\n")
-    (out / "transfer.md").write_text(render_markdown(data))
+    atomic_write(out / "transfer.json", json.dumps(data, indent=1) + "\n")
+    atomic_write(out / "transfer.md", render_markdown(data))
     if plot:
         render_plot(data, out / "transfer.png")
 
@@ -639,7 +643,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, choices=list(LR_GRID))
     p.add_argument("--seeds", nargs="+", type=int, default=None, help="the first one runs the LR grid")
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="override every method's grid (exploration)")
-    p.add_argument("--epochs", type=int, default=None, help="default 5 (smoke: 1)")
+    p.add_argument("--no-widen", action="store_true", help="do not widen a grid whose best rate is at an edge")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS} (smoke: 1)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated task data")
@@ -656,7 +661,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.tasks = args.tasks or (["counting"] if smoke else list(TARGET_TASKS))
     args.methods = args.methods or list(DEFAULT_METHODS)
     args.seeds = args.seeds or ([0] if smoke else [0, 1, 2])
-    args.epochs = args.epochs or (1 if smoke else 5)
+    args.epochs = args.epochs or (1 if smoke else DEFAULT_EPOCHS)
     args.workers = args.workers or (1 if smoke else 2)
     return args
 
@@ -696,10 +701,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         backbone_params = count_checkpoint_params(snapshot / "model.safetensors")
     wall = time.time() - t0
     meta = {
-        "protocol": {"optimizer": "AdamW(0.9, 0.999)", "weight_decay": f"{WEIGHT_DECAY} on weight matrices only",
+        "protocol": {"optimizer": "AdamW(0.9, 0.999)", "loop": "peft_ssf.engine.fit",
+                     "weight_decay": f"{WEIGHT_DECAY} on the head's weight matrix only",
                      "schedule": f"linear warm-up {WARMUP_FRAC:.0%} of steps, then cosine to 0",
                      "grad_clip": CLIP_NORM, "augmentation": "none", "selection": "seed-0 grid, best final val acc",
-                     "lr_grid": {m: list(LR_GRID[m]) for m in args.methods}},
+                     "lr_grid": {m: list(args.lrs or LR_GRID[m]) for m in args.methods},
+                     "lr_widening": "off" if args.no_widen or args.smoke else
+                     f"an edge-selected rate adds the next half-decade rate beyond it, within {LR_BOUNDS}"},
         "smoke": args.smoke, "tasks": args.tasks, "num_labels": num_labels, "methods": args.methods,
         "seeds": args.seeds,
         "epochs": args.epochs, "batch_size": args.batch_size, "per_class_sizes": sizes,

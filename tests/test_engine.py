@@ -121,6 +121,19 @@ def test_fit_is_seeded_and_learns(base_dir):
     assert engine.fit(head, feats, y, recipe, forward=head, max_steps=2)["steps"] == 2
 
 
+def test_head_trained_on_cached_head_inputs_matches_the_model(base_dir):
+    torch.manual_seed(0)
+    x, y = torch.randn(10, 3, 32, 32), torch.arange(10) % 3
+    model = engine.build_model("head", base_dir, LABELS, seed=0)
+    feats = engine.head_inputs(model, x, batch_size=4)
+    assert feats.shape == (10, 32) and not model.classifier._forward_pre_hooks
+    torch.testing.assert_close(model.classifier(feats), model(pixel_values=x).logits)
+    engine.fit(model, feats, y, engine.Recipe(epochs=1, batch_size=5), forward=model.classifier)
+    groups = engine.param_groups(model, 0.05)  # the whole model passed: the head's weight is still the decayed one
+    assert [p.shape for p in groups[0]["params"]] == [model.classifier.weight.shape]
+    torch.testing.assert_close(model.classifier(feats), model(pixel_values=x).logits)
+
+
 def test_loader_handles_new_heads_and_plain_checkpoints(base_dir, tmp_path):
     model = engine.build_model("ssf", base_dir, LABELS)
     model.save_pretrained(tmp_path / "adapter")

@@ -3,20 +3,21 @@
 Why this exists: the SSF story ("pretrain once, adapt cheaply to many tasks") needs a pretraining task and
 several *different* downstream tasks, and this project must run with no network access. So we generate them:
 
-* one SOURCE task (``shapes_textures``: 10 shape classes and 6 texture families) that a small ViT is pretrained on
-  (see ``scripts/pretrain_backbone.py``), and
-* TARGET tasks that differ from it in kind, in the spirit of VTAB's groups: ``digits`` and ``texture``
+* one SOURCE task (``scenes``: one object per image with four labelled factors, shape x fill x hue x background
+  texture, and unlabelled nuisances: scale, position, tilt, distractors, clutter) that a small ViT is pretrained on
+  (see ``scripts/pretrain_backbone.py``, which streams fresh scenes from :func:`source_stream`), and
+* TARGET tasks that ask what the source never labels, in the spirit of VTAB's groups: ``digits`` and ``texture``
   ("natural": real handwritten digits from scikit-learn; texture families like DTD, none of them in the source)
-  and ``counting``, ``orientation``, ``position`` ("structured": CLEVR-count and dSprites orientation / location
-  analogues).
+  and ``counting``, ``orientation``, ``position``, ``relation`` ("structured": CLEVR-count, dSprites orientation /
+  location and a CLEVR-like spatial relation between two objects). The synthetic targets have about 1,000
+  training images each (VTAB-1k's budget); ``digits`` has 1,000 of scikit-learn's 1,797.
 
 Every image is 32x32 RGB, drawn at 64x64 with PIL and box-downsampled (cheap anti-aliasing), on a random
 colour-gradient background with faint clutter lines and pixel noise. Generation is pure numpy + PIL and is
 deterministic: each (seed, task, split) has its own random stream, so changing ``n_train`` never changes the
-validation or test images. The source shapes come at any position and scale (and pretraining adds random crops
-and flips), so a pretrained backbone is pushed towards features that ignore exactly what ``position`` and
-``counting`` ask about: the gap a frozen backbone + linear head leaves, which parameter-efficient tuning (SSF)
-should recover.
+validation or test images. The source objects come at any position and scale, with distractors the labels ignore,
+so a pretrained backbone is pushed towards features that ignore exactly what ``position``, ``counting`` and
+``relation`` ask about: the gap a frozen backbone + linear head leaves, which fine-tuning has to recover.
 
 Augmenting target tasks: a horizontal flip changes the label of ``orientation`` (angle -> 180 - angle),
 ``position`` (column) and ``digits``, and a shift of a few pixels can move ``position``'s shape to another cell;
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 if TYPE_CHECKING:  # datasets is only needed by load_task; keep `import peft_ssf.demo` light
     from datasets import DatasetDict
@@ -63,13 +64,14 @@ __all__ = [
     "TASKS",
     "SplitArrays",
     "TaskSpec",
+    "digits_partition",
     "generate_task",
     "load_task",
     "make_task",
 ]
 
 IMAGE_SIZE = 32  # final image side, pixels
-GENERATOR_VERSION = 1  # bump when any renderer changes its output; recorded next to generated data
+GENERATOR_VERSION = 2  # bump when any renderer changes its output; recorded next to generated data
 SPLITS = ("train", "validation", "test")
 
 _CANVAS = 2 * IMAGE_SIZE  # render at 2x, then box-downsample
@@ -105,10 +107,15 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class SplitArrays:
-    """One split in memory: ``images`` uint8 [N, 32, 32, 3] and ``labels`` int64 [N]."""
+    """One split in memory: ``images`` uint8 [N, 32, 32, 3] and ``labels`` int64 [N].
+
+    ``factors`` (int64 [N, F]) only for the source task: every labelled factor, columns in ``SOURCE_FACTORS`` order
+    (column 0, the shape, equals ``labels``).
+    """
 
     images: np.ndarray
     labels: np.ndarray
+    factors: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,6 +288,26 @@ def _render_position(rng: np.random.Generator, label: int) -> np.ndarray:
     return _finish(canvas, rng)
 
 
+RELATIONS = ("above", "below", "left", "right")  # relation task: where the cross is, seen from the ring
+
+
+def _render_relation(rng: np.random.Generator, label: int) -> np.ndarray:
+    """A ring and a cross (random colours, sizes, rotations); the cross lies in direction ``RELATIONS[label]`` of the
+    ring, within +-30 degrees of that axis, 14-40 canvas pixels away (a CLEVR-like spatial relation)."""
+    canvas, bg = _background(rng)
+    direction = {"above": -math.pi / 2, "below": math.pi / 2, "left": math.pi, "right": 0.0}[RELATIONS[label]]
+    for _ in range(1000):
+        r1, r2 = float(rng.uniform(6, 10)), float(rng.uniform(6, 10))
+        angle, dist = direction + rng.uniform(-math.pi / 6, math.pi / 6), float(rng.uniform(max(14, r1 + r2 + 3), 40))
+        x1, y1 = _place(rng, r1)
+        x2, y2 = x1 + dist * math.cos(angle), y1 + dist * math.sin(angle)  # screen y grows downwards
+        if r2 <= x2 <= _CANVAS - r2 and r2 <= y2 <= _CANVAS - r2:
+            break
+    for kind, x, y, r in (("ring", x1, y1, r1), ("cross", x2, y2, r2)):
+        _paint(canvas, _shape_mask(kind, x, y, r, rng.uniform(0, 2 * math.pi)), _contrasting_colour(rng, bg))
+    return _finish(canvas, rng)
+
+
 TEXTURES = ("blotches", "checker", "dots", "grid", "rings", "stripes", "waves", "zigzag")
 
 
@@ -342,32 +369,121 @@ def _render_texture(rng: np.random.Generator, label: int) -> np.ndarray:
     return _finish(canvas, rng)
 
 
-SHAPE_TILT = math.radians(20)  # source shapes are upright up to +-20 degrees
 SOURCE_TEXTURES = ("bricks", "crosses", "noise", "spiral", "sunburst", "triangles")  # none is a target family
-SOURCE_CLASSES = tuple(f"shape_{k}" for k in SHAPES) + tuple(f"texture_{k}" for k in SOURCE_TEXTURES)
+
+# --------------------------------------------------------------------------------------------------------------
+# SOURCE: "scenes", one main object with four labelled factors, plus unlabelled nuisances
+# --------------------------------------------------------------------------------------------------------------
+
+SCENE_SHAPES = ("arrow", "circle", "crescent", "cross", "ell", "heart", "hourglass", "semicircle", "square", "star",
+                "tee", "triangle")
+SCENE_FILLS = ("outline", "solid", "striped")
+SCENE_HUES = ("red", "yellow", "green", "cyan", "blue", "magenta")  # 60-degree hue bins centred on 0, 60, ...
+SCENE_BACKGROUNDS = ("gradient", *SOURCE_TEXTURES)
+#: the labelled factors of the source task, in the column order of ``SplitArrays.factors``; "shape" is the primary
+#: label (``SplitArrays.labels`` and the imagefolder classes)
+SOURCE_FACTORS: dict[str, tuple[str, ...]] = {
+    "shape": SCENE_SHAPES, "fill": SCENE_FILLS, "hue": SCENE_HUES, "background": SCENE_BACKGROUNDS,
+}
+MAX_DISTRACTORS = 3
+SCENE_TILT = math.radians(45)  # the main object is rotated by up to +-45 degrees
+
+_POLYGONS.update({
+    "ell": [(-0.75, -1), (-0.2, -1), (-0.2, 0.45), (0.75, 0.45), (0.75, 1), (-0.75, 1)],
+    "hourglass": [(-0.8, -1), (0.8, -1), (0.12, 0), (0.8, 1), (-0.8, 1), (-0.12, 0)],
+    "semicircle": [(math.cos(t), 0.42 - math.sin(t)) for t in np.linspace(0, math.pi, 17)],
+})
 
 
-def _render_source(rng: np.random.Generator, label: int) -> np.ndarray:
-    """SOURCE: one large shape (random scale, position, colour, small tilt) or a full-frame texture family.
+def _hue_colour(rng: np.random.Generator, hue_bin: int) -> np.ndarray:
+    """A saturated RGB colour (0..255) whose hue lies within +-21 degrees of ``hue_bin * 60``."""
+    import colorsys
 
-    Why a mixture: a small ViT trained from scratch on shapes alone sits at chance for hundreds of steps (measured;
-    so does a small CNN for the first ~100), because no single patch tells the class. Texture classes are
-    learnable from local statistics at once, which gives the patch embedding and MLPs local features within the
-    first few dozen steps; the shape classes then teach spatial configuration. Shapes are only tilted, not
-    freely rotated, for the same reason.
+    h = ((hue_bin + rng.uniform(-0.35, 0.35)) / len(SCENE_HUES)) % 1.0
+    return np.array(colorsys.hsv_to_rgb(h, rng.uniform(0.6, 1.0), rng.uniform(0.55, 1.0))) * 255
+
+
+def _far_colour(rng: np.random.Generator, ref: np.ndarray, lo: float, hi: float = 256.0) -> np.ndarray:
+    """A random RGB colour whose luma differs from ``ref``'s by at least ``lo`` and less than ``hi``."""
+    for _ in range(200):
+        c = rng.uniform(0, 255, 3)
+        if lo <= abs(_luma(c) - _luma(ref)) < hi:
+            return c
+    return np.full(3, 0.0 if _luma(ref) > 127 else 255.0)
+
+
+def _render_scene(rng: np.random.Generator, shape: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """SOURCE: one main object of shape ``shape`` and random fill, hue and background (the labelled factors).
+
+    Unlabelled nuisances: the object's scale (radius 5-11 px), position (anywhere inside the frame), rotation (up to
+    +-45 degrees), saturation and brightness; the background's colours, gradient direction and texture period / phase /
+    angle; 0-3 small distractor objects of any colour; 0-3 faint clutter lines; pixel noise. Returns the image and
+    its factors (shape, fill, hue, background). The object's colour keeps a luma difference of at least 60 to the
+    background, so every factor is visible.
     """
-    kind, name = SOURCE_CLASSES[label].split("_", 1)
-    if kind == "texture":
-        canvas, bg = _background(rng, clutter=False)
-        mask = Image.fromarray(_texture_mask(rng, name).astype(np.uint8) * 255)
-        _paint(canvas, mask, _contrasting_colour(rng, bg, min_diff=50))
-        return _finish(canvas, rng)
-    canvas, bg = _background(rng)
-    r = float(rng.uniform(9, 20))
+    fill, hue, back = (int(rng.integers(len(v))) for v in (SCENE_FILLS, SCENE_HUES, SCENE_BACKGROUNDS))
+    colour = _hue_colour(rng, hue)
+    c0 = _far_colour(rng, colour, 60)
+    c1 = np.clip(c0 + rng.normal(0, 30, 3), 0, 255)
+    a = rng.uniform(0, 2 * math.pi)
+    t = (_XC * math.cos(a) + _YC * math.sin(a) + 0.5)[..., None]
+    canvas = Image.fromarray(np.clip(c0 + (c1 - c0) * t + 0.5, 0, 255).astype(np.uint8))
+    if back > 0:  # a low-contrast texture family over the gradient
+        tex = Image.fromarray(_texture_mask(rng, SCENE_BACKGROUNDS[back]).astype(np.uint8) * 255)
+        for _ in range(200):
+            c2 = np.clip(c0 + rng.normal(0, 60, 3), 0, 255)
+            if 25 <= abs(_luma(c2) - _luma(c0)) < 70 and abs(_luma(c2) - _luma(colour)) >= 40:
+                break
+        _paint(canvas, tex, c2)
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    for _ in range(int(rng.integers(0, 4))):  # faint clutter lines
+        xy = [tuple(rng.uniform(0, _CANVAS, 2)), tuple(rng.uniform(0, _CANVAS, 2))]
+        draw.line(xy, fill=(*_rgb(rng.uniform(0, 255, 3)), int(rng.uniform(0.2, 0.45) * 255)), width=1)
+
+    r = float(rng.uniform(10, 22))
     cx, cy = _place(rng, r)
-    theta = rng.uniform(-SHAPE_TILT, SHAPE_TILT)
-    _paint(canvas, _shape_mask(name, cx, cy, r, theta), _contrasting_colour(rng, bg))
-    return _finish(canvas, rng)
+    mask = _shape_mask(SCENE_SHAPES[shape], cx, cy, r, rng.uniform(-SCENE_TILT, SCENE_TILT))
+    if SCENE_FILLS[fill] == "outline":
+        mask = ImageChops.subtract(mask, mask.filter(ImageFilter.MinFilter(7)))
+    elif SCENE_FILLS[fill] == "striped":  # dark stripes of the same hue inside the shape
+        _paint(canvas, mask, colour * 0.4)
+        p, ang = rng.uniform(6, 10), rng.uniform(0, math.pi)
+        stripes = np.sin(2 * math.pi * (_XX * math.cos(ang) + _YY * math.sin(ang)) / p) > 0
+        mask = ImageChops.multiply(mask, Image.fromarray(stripes.astype(np.uint8) * 255))
+    _paint(canvas, mask, colour)
+
+    placed = [(cx, cy, r)]
+    for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+        for _ in range(50):
+            q = float(rng.uniform(3.5, 6))
+            x, y = _place(rng, q)
+            if all((x - px) ** 2 + (y - py) ** 2 >= (q + pr + 3) ** 2 for px, py, pr in placed):
+                placed.append((x, y, q))
+                kind = _SMALL[int(rng.integers(len(_SMALL)))]
+                _paint(canvas, _shape_mask(kind, x, y, q, rng.uniform(0, 2 * math.pi)), rng.uniform(0, 255, 3))
+                break
+    return _finish(canvas, rng), (shape, fill, hue, back)
+
+
+def _render_scenes(rng: np.random.Generator, shapes: np.ndarray) -> SplitArrays:
+    """Render one scene per entry of ``shapes`` (the primary labels) from ``rng``; factors sampled inside."""
+    if len(shapes) == 0:
+        return SplitArrays(_empty(), np.zeros(0, np.int64), np.zeros((0, len(SOURCE_FACTORS)), np.int64))
+    images, factors = zip(*(_render_scene(rng, int(s)) for s in shapes))
+    return SplitArrays(np.stack(images), np.asarray(shapes, dtype=np.int64), np.asarray(factors, dtype=np.int64))
+
+
+def source_stream(seed: int, chunk: int, n: int) -> SplitArrays:
+    """Chunk ``chunk`` (0, 1, 2, ...) of an endless stream of fresh source training scenes, ``n`` per chunk.
+
+    Pretraining draws a new chunk per epoch instead of repeating a fixed train split. Each chunk has its own
+    random stream (independent of the validation and test streams of :func:`generate_task`); shapes are balanced
+    within a chunk when ``n`` is a multiple of the number of shapes.
+    """
+    rng = _rng(seed, SOURCE_TASK, f"stream-{chunk}")
+    k = len(SCENE_SHAPES)
+    shapes = rng.permutation(np.tile(np.arange(k, dtype=np.int64), -(-n // k)))[:n]
+    return _render_scenes(rng, shapes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -406,27 +522,35 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
 
 
-def _generate_digits(seed: int, sizes: dict[str, int]) -> dict[str, SplitArrays]:
-    images, targets = _load_digits()
+def digits_partition(seed: int, n_train: int, n_val: int, n_test: int) -> dict[str, np.ndarray]:
+    """Indices into scikit-learn's 1,797 digits for each split: per class, a seeded permutation of that class's
+    images is cut into ``n_train`` / ``n_val`` / ``n_test`` (images per class), so the splits are disjoint.
+
+    Validation and test come from the end of each permutation, so changing ``n_train`` never changes them.
+    """
+    _, targets = _load_digits()
     part_rng = _rng(seed, "digits", "partition")
-    chosen: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
+    chosen: dict[str, list[int]] = {s: [] for s in SPLITS}
     for label in range(10):
         idx = part_rng.permutation(np.flatnonzero(targets == label))
-        need = sizes["train"] + sizes["validation"] + sizes["test"]
+        need = n_train + n_val + n_test
         if need > len(idx):
             raise ValueError(f"digits has only {len(idx)} images of class {label}; asked for {need} per class")
-        # test and validation come from the end, so changing n_train never changes them
-        n_vt = sizes["validation"] + sizes["test"]
-        chosen["train"] += [(label, i) for i in idx[: sizes["train"]]]
-        chosen["validation"] += [(label, i) for i in idx[len(idx) - n_vt: len(idx) - sizes["test"]]]
-        chosen["test"] += [(label, i) for i in idx[len(idx) - sizes["test"]:]]
+        chosen["train"] += idx[:n_train].tolist()
+        chosen["validation"] += idx[len(idx) - n_val - n_test: len(idx) - n_test].tolist()
+        chosen["test"] += idx[len(idx) - n_test:].tolist()
+    return {split: np.asarray(v, dtype=np.int64) for split, v in chosen.items()}
+
+
+def _generate_digits(seed: int, sizes: dict[str, int]) -> dict[str, SplitArrays]:
+    images, targets = _load_digits()
+    parts = digits_partition(seed, sizes["train"], sizes["validation"], sizes["test"])
     out = {}
     for split in SPLITS:
         rng = _rng(seed, "digits", split)
-        order = rng.permutation(len(chosen[split]))
-        pairs = [chosen[split][k] for k in order]
-        rendered = np.stack([_render_digit(rng, images[i]) for _, i in pairs]) if pairs else _empty()
-        out[split] = SplitArrays(rendered, np.array([lab for lab, _ in pairs], dtype=np.int64))
+        idx = parts[split][rng.permutation(len(parts[split]))]
+        rendered = np.stack([_render_digit(rng, images[i]) for i in idx]) if len(idx) else _empty()
+        out[split] = SplitArrays(rendered, targets[idx].astype(np.int64))
     return out
 
 
@@ -437,30 +561,33 @@ def _generate_digits(seed: int, sizes: dict[str, int]) -> dict[str, SplitArrays]
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("shapes_textures", "source",
-                 "SOURCE: 10 shapes (random scale, position, colour, +-20 deg tilt) and 6 texture families",
-                 SOURCE_CLASSES, 1000, 60, 100),
+        TaskSpec("scenes", "source",
+                 "SOURCE: one object per scene, 4 labelled factors: 12 shapes x 3 fills x 6 hues x 7 backgrounds "
+                 "(gradient or one of 6 texture families); any scale and position, +-45 deg tilt, 0-3 distractors",
+                 SCENE_SHAPES, 1000, 50, 100),
         TaskSpec("digits", "natural", "scikit-learn's real 8x8 handwritten digits, upscaled, tilted, recoloured",
                  tuple(str(d) for d in range(10)), 100, 30, 40),  # at most 174 real images per class
         TaskSpec("texture", "natural", "which of 8 two-colour texture families (DTD-like), any period/orientation",
-                 TEXTURES, 50, 30, 100),
+                 TEXTURES, 125, 40, 125),
         TaskSpec("counting", "structured", "how many small objects, 1 to 6 (CLEVR-count-like)",
-                 tuple(f"count_{n}" for n in range(1, MAX_COUNT + 1)), 50, 30, 100),
+                 tuple(f"count_{n}" for n in range(1, MAX_COUNT + 1)), 167, 50, 167),
         TaskSpec("orientation", "structured", "angle of one elongated bar, 8 bins over 180 degrees (dSprites-like)",
-                 tuple(f"deg_{round(k * 180 / N_ANGLES):03d}" for k in range(N_ANGLES)), 50, 30, 100),
+                 tuple(f"deg_{round(k * 180 / N_ANGLES):03d}" for k in range(N_ANGLES)), 125, 40, 125),
         TaskSpec("position", "structured", "which cell of a 3x3 grid holds the one shape (dSprites-like)",
-                 tuple(f"r{r}_c{c}" for r in range(GRID) for c in range(GRID)), 100, 30, 100),
+                 tuple(f"r{r}_c{c}" for r in range(GRID) for c in range(GRID)), 111, 33, 111),
+        TaskSpec("relation", "structured", "where the cross is relative to the ring: above, below, left or right",
+                 RELATIONS, 250, 75, 250),
     )
 }
-SOURCE_TASK = "shapes_textures"
+SOURCE_TASK = "scenes"
 TARGET_TASKS: tuple[str, ...] = tuple(name for name, spec in TASKS.items() if spec.group != "source")
 
 _RENDERERS: dict[str, Renderer] = {
-    "shapes_textures": _render_source,
     "texture": _render_texture,
     "counting": _render_counting,
     "orientation": _render_orientation,
     "position": _render_position,
+    "relation": _render_relation,
 }
 
 for _spec in TASKS.values():  # imagefolder numbers classes by sorted directory name: keep ours identical
@@ -510,6 +637,12 @@ def generate_task(
     sizes = _resolve_sizes(spec, n_train, n_val, n_test)
     if name == "digits":
         return _generate_digits(seed, sizes)
+    if name == SOURCE_TASK:
+        out = {}
+        for split in SPLITS:
+            rng = _rng(seed, name, split)
+            out[split] = _render_scenes(rng, rng.permutation(np.tile(np.arange(spec.num_classes), sizes[split])))
+        return out
     render = _RENDERERS[name]
     out = {}
     for split in SPLITS:

@@ -22,7 +22,16 @@ from .images import (
     to_pixel_values,
 )
 from .loading import AdapterLoadError, adapter_head_size, load_adapter, load_model, load_pretrained
-from .methods import HEAD_NAMES, METHODS, build_model, count_trainable, head_name, load_classifier, prepare_model
+from .methods import (
+    HEAD_NAMES,
+    METHODS,
+    build_model,
+    count_trainable,
+    head_inputs,
+    head_name,
+    load_classifier,
+    prepare_model,
+)
 from .recipe import Recipe, evaluate, fit, make_optimizer, param_groups, predict, warmup_cosine
 
 __all__ = [
@@ -36,6 +45,7 @@ __all__ = [
     "count_trainable",
     "evaluate",
     "fit",
+    "head_inputs",
     "head_name",
     "image_normalization",
     "load_adapter",

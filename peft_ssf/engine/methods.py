@@ -146,6 +146,27 @@ def build_model(method: str, path: Union[str, Path], id2label: dict[int, str], s
     return prepare_model(load_classifier(path, id2label), method, **ssf_options)
 
 
+@torch.no_grad()
+def head_inputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """What the classifier head receives for pixel values ``x`` ``[N, 3, H, W]``: features ``[N, hidden]``.
+
+    Captured by a forward pre-hook on the head, so it holds for every model family (pooled, CLS token or mean):
+    a head trained on these features is trained on exactly what the frozen backbone gives it.
+    """
+    head = getattr(model, head_name(model))
+    captured: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(x), batch_size):
+            model(pixel_values=x[i: i + batch_size])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable parameters, of which in the classifier head)."""
     total = head = 0

@@ -120,7 +120,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, recipe: Recipe, *,
                 torch.nn.utils.clip_grad_norm_(params, recipe.clip_norm)
             optimizer.step()
             scheduler.step()
-            running, seen, step = running + float(loss), seen + 1, step + 1
+            running, seen, step = running + loss.item(), seen + 1, step + 1
             bar.update(1)
             if step >= total:
                 break
