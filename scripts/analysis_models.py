@@ -14,7 +14,7 @@ its test split) and ``accuracy.json``. Then::
     python examples/analyze_finetuning.py --pretrained OUT/pretrained --finetuned OUT/full OUT/ssf OUT/head \\
         --images OUT/data/orientation --out invariance_report
 
-    HF_HUB_OFFLINE=1 python scripts/analysis_models.py --task orientation --out /tmp/analysis_models
+    HF_HUB_OFFLINE=1 python -m scripts.analysis_models --task orientation --out /tmp/am  # from the repo root
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,12 +31,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import transfer  # noqa: E402
-
+from benchmarks import transfer  # noqa: E402
 from peft_ssf.demo import BACKBONE_DIR, TARGET_TASKS, TASKS  # noqa: E402
 from peft_ssf.io import atomic_write  # noqa: E402
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -32,8 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from peft_ssf import engine  # noqa: E402
 from peft_ssf.demo import BACKBONE_DIR, TARGET_TASKS, TASKS, generate_task  # noqa: E402

@@ -52,8 +52,6 @@ import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
 from peft_ssf import engine  # noqa: E402
 from peft_ssf.demo.data import (  # noqa: E402
     IMAGE_SIZE,
