@@ -320,6 +320,9 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
     """Run every job (grid first, dependent seeds as soon as their grid is complete).
 
     Returns (records of the selected rate for every seed, the selection per task/method, every run).
+    One function on purpose: the scheduler's state (runs, pending grids, selection) is shared by the logging and
+    follow-up closures and by both executors (in-process for the smoke test, a process pool otherwise); split up,
+    that state would have to be threaded through every piece.
     """
     done = _load_log(args.runs_log, protocol, args.tasks)
     grids = {m: (LR_GRID[m][len(LR_GRID[m]) // 2],) if args.smoke else LR_GRID[m] for m in args.methods}
@@ -667,6 +670,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run (or re-render) the suite and write its results; reads top to bottom as the protocol's steps (data, runs,
+    selection, records, outputs), which is why it is kept whole."""
     args = parse_args(argv)
     if args.render:
         data = json.loads((args.out / "transfer.json").read_text())

@@ -175,6 +175,9 @@ def sha256(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Pretrain and save the backbone. The training loop is written out top to bottom on purpose (fresh data each
+    epoch, one loss per factor, resumable state): ``engine.fit`` covers none of the three, and one readable loop
+    is easier to audit than pieces."""
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
@@ -294,6 +297,7 @@ def write_curve(s: dict, path: Path) -> None:
 
 
 def write_readme(args: argparse.Namespace, s: dict) -> None:
+    """The backbone README from the run's summary: mostly one text template, hence its length."""
     spec = TASKS[SOURCE_TASK]
     cmd = "HF_HUB_OFFLINE=1 python scripts/pretrain_backbone.py" + "".join(f" {a}" for a in s["argv"])
     factors = ", ".join(f"{n} ({len(v)})" for n, v in SOURCE_FACTORS.items() if n in s["test"])
