@@ -89,7 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report stale blocks (exit 1 if any)")
     parser.add_argument("--demo", type=Path, default=None,
                         help="a `peft-ssf demo` output directory whose results.md becomes the README's demo table")
+    parser.add_argument("--targets", type=Path, default=None, metavar="DIR",
+                        help="only print the targets table (met or not) of the results in DIR, e.g. a GPU run's")
     args = parser.parse_args(argv)
+    if args.targets is not None:
+        table = C.targets_markdown(args.targets)
+        if table is None:
+            print(f"docs: error: no benchmark results with targets in {args.targets}", file=sys.stderr)
+            return 2
+        print(table)
+        return 0
     try:
         if args.demo is not None and not args.check:
             import_demo_results(args.demo)

@@ -93,9 +93,15 @@ def run_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
         "family": family,
         "load_avg_1m": [load_start, os.getloadavg()[0]],
         "pairing_grad_rel_diff": grad_error,
+        "residual_pairs": _residual_pairs(trainers.get("ssf_fused")),
         "methods": methods,
         "ssf_only_saved_bytes_by_site": sites,
     }
+
+
+def _residual_pairs(trainer: C.Trainer | None) -> int | None:
+    """Residual sites the default SSF op paired in its last training forward (None: not measured, or compiled)."""
+    return None if trainer is None else getattr(trainer.model.base_model, "residual_pairs", None)
 
 
 def forward_live(family: str, args: argparse.Namespace) -> dict[str, int]:

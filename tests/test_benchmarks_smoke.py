@@ -49,6 +49,8 @@ def test_train_cost_json(results: Path) -> None:
     assert methods["ssf_unpaired"]["saved_bytes"] < methods["ssf_naive"]["saved_bytes"]
     assert methods["ssf_fused"]["saved_bytes"] < methods["ssf_unpaired"]["saved_bytes"]
     assert run["pairing_grad_rel_diff"] < 1e-4
+    # the in-process measurements of the default op are paired ones (both blocks: attention output and fc2)
+    assert run["residual_pairs"] == 4
     # fc2's output only feeds the residual add: kept by the unpaired op, rebuilt from the add when paired
     fc2 = [rec for role, rec in run["ssf_only_saved_bytes_by_site"].items() if role.endswith("mlp.fc2")]
     assert fc2 and all(rec["ssf_unpaired"] > 0 and rec["ssf_fused"] == 0 for rec in fc2)
@@ -123,3 +125,60 @@ def test_gpu_benchmark_refuses_without_cuda(capsys) -> None:
         pytest.skip("a CUDA device is present: the script would run for minutes")
     assert gpu_train.main(["--families", "vit"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def _edited_copy(results: Path, out: Path, name: str, edit) -> Path:
+    """``results``' ViT training-cost file, changed by ``edit(payload)``, written to ``out / name.json``."""
+    payload = json.loads((results / "train_cost.json").read_text())
+    edit(payload)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload))
+    return out
+
+
+def test_runs_of_one_mode_with_different_methods_combine(results: Path, tmp_path: Path) -> None:
+    """Per-model runs of a non-fp32 mode, each with its own method list, merge into one file; a method a model
+    was not measured with shows as '-'."""
+
+    def bf16(payload: dict) -> None:
+        payload["config"]["dtype"] = "bf16"
+
+    def bf16_swin_without_lora(payload: dict) -> None:
+        bf16(payload)
+        run = payload["runs"].pop("vit")
+        run["model"] = "Other"
+        del run["methods"]["lora"]
+        payload["config"]["methods"].remove("lora")
+        payload["runs"]["swin"] = run
+
+    a = _edited_copy(results, tmp_path / "a", "train_cost_bf16", bf16)
+    b = _edited_copy(results, tmp_path / "b", "train_cost_bf16", bf16_swin_without_lora)
+    out = tmp_path / "combined"
+    train_cost.main(["--combine", str(a), str(b), "--out", str(out)])
+    combined = _load(out, "train_cost_bf16")
+    assert list(combined["runs"]) == ["vit", "swin"]
+    assert "lora" in combined["config"]["methods"] and "lora" not in combined["runs"]["swin"]["methods"]
+    lora_row = [line for line in (out / "train_cost_bf16.md").read_text().splitlines() if line.startswith("| LoRA")]
+    assert lora_row[0].endswith("| - |")
+    fp32 = _edited_copy(results, tmp_path / "c", "train_cost", lambda p: None)
+    with pytest.raises(SystemExit, match="dtype differ"):
+        train_cost.main(["--combine", str(a), str(fp32), "--out", str(tmp_path / "bad")])
+
+
+@pytest.mark.parametrize("lora_time,met", [(1.01, "no"), (1.03, "yes")])
+def test_targets_table_compares_with_lora(results: Path, tmp_path: Path, capsys, lora_time: float, met: str) -> None:
+    """A step-time target holds only at or below 1.03x the floor *and* at or below LoRA's ratio."""
+
+    def ratios(payload: dict) -> None:
+        methods = payload["runs"]["vit"]["methods"]
+        methods["ssf_fused"]["ratio_time"], methods["lora"]["ratio_time"] = 1.02, lora_time
+        methods["ssf_fused"]["ratio_live"], methods["lora"]["ratio_live"] = 1.01, 1.09
+
+    d = _edited_copy(results, tmp_path / "r", "train_cost", ratios)
+    assert docs.main(["--targets", str(d)]) == 0
+    rows = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines() if "SSF" in line}
+    time_row = next(line for key, line in rows.items() if "step time" in key)
+    assert time_row.endswith(f"| 1.02x (LoRA {lora_time:.2f}x) | {met} |")
+    memory_row = next(line for key, line in rows.items() if "forward-live memory" in key)
+    assert memory_row.endswith("| 1.01x (LoRA 1.09x) | yes |")
+    assert docs.main(["--targets", str(tmp_path / "empty")]) == 2
