@@ -128,7 +128,7 @@ class ResidualPairing(TorchFunctionMode):
         self.entered = False  # scoped mode: currently on the torch-function mode stack
         self.tracked = 0  # site outputs followed in this forward
         # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z. r and z are
-        # held strongly until ``paired_sites`` is read: saved-tensor hooks may keep other tensor objects than these
+        # held strongly until ``take_paired_sites``: saved-tensor hooks may keep other tensor objects than these
         self.norm_inputs: dict[int, weakref.ref] = {}
         self.candidates: list[tuple[int, torch.Tensor, torch.Tensor]] = []
 
