@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     train_loop(args, accelerator, model, optimizer, loader)
     save(args, accelerator, model, manual_fsdp, time.time() - start)
+    accelerator.wait_for_everyone()  # no rank tears its process group down while another still writes or reduces
     accelerator.end_training()
     return 0
 
