@@ -47,7 +47,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 LADDER: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
 LR_BOUNDS = (1e-6, 1.0)  # widening never goes beyond these
 DEFAULT_EPOCHS = 10  # pilots: within ~2 validation points of 30 epochs on the demo backbone (docs/transfer.md)
+LONGER_FACTOR = 3  # the convergence check retrains the selected configurations for this many times the epochs
 N_CURVE_POINTS = 10  # validation accuracy is recorded at about this many epochs of every run
 DEFAULT_METHODS = ("ssf", "ssf_paper_init", "lora", "ia3", "ln_tuning", "head", "full")
 METHOD_LABELS = engine.METHODS  # the engine's one label table
@@ -315,14 +316,67 @@ def _load_log(path: Path | None, protocol: Protocol, tasks: Sequence[str]) -> di
     return done
 
 
+def execute(args: argparse.Namespace, protocol: Protocol, data: dict, num_labels: dict[str, int],
+            jobs: list[Job], done: dict[tuple, dict[str, Any]],
+            on_done: Any) -> None:
+    """Run ``jobs`` and every job ``on_done(job, record, cached)`` returns, reusing ``done`` (the runs log).
+
+    Workers <= 1 (the smoke test): in this process, restoring what ``init_worker`` changes afterwards; otherwise a
+    spawn process pool, each worker set up once with the normalised data and ``protocol``.
+    """
+    def cached(job: Job) -> dict[str, Any] | None:
+        rec = done.get((job.task, job.method, job.lr, job.seed))
+        return None if rec is None else {k: v for k, v in rec.items() if k != "protocol"}
+
+    queue = list(jobs)
+    if args.workers <= 1:
+        from transformers.utils import logging as hf_logging
+
+        threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+        bars = hf_logging.is_progress_bar_enabled()
+        try:
+            with warnings.catch_warnings():
+                init_worker(data, protocol, num_labels, args.threads)
+                while queue:
+                    job = queue.pop(0)
+                    rec = cached(job)
+                    queue.extend(on_done(job, run_job(job) if rec is None else rec, rec is not None))
+        finally:
+            torch.set_num_threads(threads)
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+            _WORKER.clear()
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=init_worker,
+                                initargs=(data, protocol, num_labels, args.threads)) as pool:
+        futures: dict[cf.Future, Job] = {}
+
+        def submit(batch: list[Job]) -> None:
+            for job in batch:
+                rec = cached(job)
+                if rec is not None:
+                    submit(on_done(job, rec, True))
+                else:
+                    futures[pool.submit(run_job, job)] = job
+
+        submit(queue)
+        while futures:
+            finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+            for fut in finished:
+                job = futures.pop(fut)
+                submit(on_done(job, fut.result(), False))
+
+
 def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labels: dict[str, int]
               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]]]:
     """Run every job (grid first, dependent seeds as soon as their grid is complete).
 
     Returns (records of the selected rate for every seed, the selection per task/method, every run).
     One function on purpose: the scheduler's state (runs, pending grids, selection) is shared by the logging and
-    follow-up closures and by both executors (in-process for the smoke test, a process pool otherwise); split up,
-    that state would have to be threaded through every piece.
+    follow-up closures that :func:`execute` calls back; split up, that state would have to be threaded through every
+    piece.
     """
     done = _load_log(args.runs_log, protocol, args.tasks)
     grids = {m: (LR_GRID[m][len(LR_GRID[m]) // 2],) if args.smoke else LR_GRID[m] for m in args.methods}
@@ -370,49 +424,11 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
         }
         return [Job(job.task, job.method, lr, s) for s in args.seeds[1:]]
 
-    queue = list(first)
-    if args.workers <= 1:  # in this process (smoke test): restore what init_worker changes afterwards
-        from transformers.utils import logging as hf_logging
+    def on_done(job: Job, rec: dict[str, Any], cached: bool) -> list[Job]:
+        log(job, rec, cached)
+        return followups(job)
 
-        threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
-        bars = hf_logging.is_progress_bar_enabled()
-        try:
-            with warnings.catch_warnings():
-                init_worker(data, protocol, num_labels, args.threads)
-                while queue:
-                    job = queue.pop(0)
-                    rec = done.get((job.task, job.method, job.lr, job.seed))
-                    fresh = rec is None
-                    log(job, run_job(job) if fresh else {k: v for k, v in rec.items() if k != "protocol"}, not fresh)
-                    queue.extend(followups(job))
-        finally:
-            torch.set_num_threads(threads)
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
-            _WORKER.clear()
-    else:
-        ctx = multiprocessing.get_context("spawn")
-        with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=init_worker,
-                                    initargs=(data, protocol, num_labels, args.threads)) as pool:
-            futures: dict[cf.Future, Job] = {}
-
-            def submit(jobs: list[Job]) -> None:
-                for job in jobs:
-                    rec = done.get((job.task, job.method, job.lr, job.seed))
-                    if rec is not None:
-                        log(job, {k: v for k, v in rec.items() if k != "protocol"}, True)
-                        submit(followups(job))
-                    else:
-                        futures[pool.submit(run_job, job)] = job
-
-            submit(queue)
-            while futures:
-                finished, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
-                for fut in finished:
-                    job = futures.pop(fut)
-                    log(job, fut.result(), False)
-                    submit(followups(job))
+    execute(args, protocol, data, num_labels, first, done, on_done)
     chosen = []
     for sel in selection.values():
         for seed in args.seeds:
@@ -420,6 +436,34 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
     order = {m: i for i, m in enumerate(args.methods)}
     chosen.sort(key=lambda r: (args.tasks.index(r["task"]), order[r["method"]], r["seed"]))
     return chosen, selection, list(runs.values())
+
+
+def run_longer_schedule(args: argparse.Namespace, protocol: Protocol, data: dict, num_labels: dict[str, int],
+                        selection: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Retrain every selected (task, method, rate) with the first seed for ``args.check_epochs`` epochs.
+
+    The convergence check: if a longer schedule (same rate, same recipe, warm-up and cosine stretched with it) moves
+    validation accuracy by no more than the seed spread, the suite's epochs were enough for that method. Nothing is
+    selected from these runs; the tables report the suite's epochs.
+    """
+    longer = replace(protocol, epochs=args.check_epochs)
+    done = _load_log(args.runs_log, longer, args.tasks)
+    jobs = [Job(v["task"], v["method"], v["selected_lr"], args.seeds[0]) for v in selection.values()]
+    runs: list[dict[str, Any]] = []
+    t_start = time.time()
+
+    def on_done(job: Job, rec: dict[str, Any], cached: bool) -> list[Job]:
+        runs.append(rec)
+        if not cached and args.runs_log is not None:
+            with args.runs_log.open("a") as f:
+                f.write(json.dumps({**rec, "protocol": longer.key(job.task)}) + "\n")
+        print(f"[longer {len(runs):3d}/{len(jobs)}] {job.task:11s} {job.method:14s} lr {job.lr:<7g} "
+              f"{args.check_epochs} epochs: val {rec['val_acc']:.3f} test {rec['test_acc']:.3f}"
+              f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)
+        return []
+
+    execute(args, longer, data, num_labels, jobs, done, on_done)
+    return {"epochs": args.check_epochs, "seed": args.seeds[0], "runs": runs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -502,6 +546,7 @@ def render_markdown(data: dict[str, Any]) -> str:
     lines += ["", f"Selected rate at an edge of its grid: {len(grid_edge)} of {len(sel)} (task, method) pairs"
               + (f" ({', '.join(sorted(grid_edge))})." if grid_edge else "."), ""]
     lines += render_grids(data, list(summary)) + render_checks(data, summary) + render_convergence(data, list(summary))
+    lines += render_longer_schedule(data, list(summary))
     lines += [f"Runs: {meta['n_runs']} ({meta['workers']} worker processes x {meta['threads']} thread), "
               f"wall time {meta['wall_seconds'] / 60:.1f} min on {meta['cpu']} (training CPU time of all runs: "
               f"{meta.get('train_cpu_seconds_total', math.nan) / 60:.1f} min); {meta['date']}, "
@@ -581,6 +626,45 @@ def render_convergence(data: dict[str, Any], methods: list[str]) -> list[str]:
             *rows, ""]
 
 
+#: a selected configuration counts as converged when the longer schedule moves its validation accuracy by at most
+#: this many points (about 6 validation images of 300; the seed spreads of the suite are 0.5-4 points)
+CONVERGED_POINTS = 2.0
+
+
+def render_longer_schedule(data: dict[str, Any], methods: list[str]) -> list[str]:
+    """Per (method, task): validation / test change (points) when the selected run is retrained for longer."""
+    check = data.get("longer_schedule")
+    if not check or not check.get("runs"):
+        return []
+    tasks, epochs = data["meta"]["tasks"], data["meta"]["epochs"]
+    suite = {(r["task"], r["method"]): r for r in data["records"] if r["seed"] == check["seed"]}
+    longer = {(r["task"], r["method"]): r for r in check["runs"]}
+    lines = [f"Convergence check: each selected configuration retrained (seed {check['seed']}, same rate, warm-up and "
+             f"cosine stretched) for {check['epochs']} epochs instead of {epochs}. Cells: change of validation / test "
+             f"accuracy in points ({check['epochs']} minus {epochs} epochs).", "",
+             "| method | " + " | ".join(tasks) + " | mean change (val) |", "|---|" + "---|" * (len(tasks) + 1)]
+    moved = []
+    for method in methods:
+        cells, dvals = [], []
+        for t in tasks:
+            a, b = suite.get((t, method)), longer.get((t, method))
+            if a is None or b is None:
+                cells.append("-")
+                continue
+            dval, dtest = 100 * (b["val_acc"] - a["val_acc"]), 100 * (b["test_acc"] - a["test_acc"])
+            dvals.append(dval)
+            if abs(dval) > CONVERGED_POINTS:
+                moved.append(f"{METHOD_LABELS.get(method, method)} on {t} ({dval:+.1f})")
+            cells.append(f"{dval:+.1f} / {dtest:+.1f}")
+        if dvals:
+            lines.append(f"| {METHOD_LABELS.get(method, method)} | " + " | ".join(cells)
+                         + f" | {statistics.fmean(dvals):+.1f} |")
+    n = sum(1 for k in longer if k in suite)
+    lines += ["", f"Configurations whose validation accuracy moved by more than {CONVERGED_POINTS:g} points: "
+              f"{len(moved)} of {n}" + (f" ({'; '.join(moved)})." if moved else "."), ""]
+    return lines
+
+
 def render_plot(data: dict[str, Any], path: Path) -> None:
     """Left: test accuracy per task and method (error bars = std over seeds). Right: average vs trainable params."""
     import matplotlib
@@ -648,6 +732,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="override every method's grid (exploration)")
     p.add_argument("--no-widen", action="store_true", help="do not widen a grid whose best rate is at an edge")
     p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS} (smoke: 1)")
+    p.add_argument("--check-epochs", type=int, default=None,
+                   help="convergence check: retrain each selected configuration (first seed) for this many epochs "
+                        f"(default {LONGER_FACTOR} x --epochs; 0 = off; smoke: off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated task data")
@@ -666,6 +753,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seeds = args.seeds or ([0] if smoke else [0, 1, 2])
     args.epochs = args.epochs or (1 if smoke else DEFAULT_EPOCHS)
     args.workers = args.workers or (1 if smoke else 2)
+    if args.check_epochs is None:
+        args.check_epochs = 0 if smoke else LONGER_FACTOR * args.epochs
     return args
 
 
@@ -702,6 +791,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"{t} {len(d['train'][1])}/{len(d['validation'][1])}/{len(d['test'][1])}" for t, d in data.items())
             + f"; backbone sha256 {protocol.backbone_sha256[:12]}", flush=True)
         records, selection, all_runs = run_suite(args, protocol, data, num_labels)
+        longer = (run_longer_schedule(args, protocol, data, num_labels, selection) if args.check_epochs > 0
+                  else None)
         config = json.loads((snapshot / "config.json").read_text())
         backbone_params = count_checkpoint_params(snapshot / "model.safetensors")
     wall = time.time() - t0
@@ -732,6 +823,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": "python benchmarks/transfer.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     result = {"meta": meta, "records": records, "lr_selection": selection, "all_runs": all_runs}
+    if longer is not None:
+        result["longer_schedule"] = longer
     write_outputs(result, args.out, plot=not args.no_plot)
     print(render_markdown(result))
     print(f"wrote {args.out / 'transfer.json'} ({wall / 60:.1f} min)")
