@@ -138,10 +138,11 @@ def test_longer_schedule_check(smoke: tuple[Path, dict[str, Any]]) -> None:
 
 
 def test_longer_schedule_table_counts_moved_configurations() -> None:
-    records = [_rec("a", "ssf", 0, 0.80), _rec("a", "full", 0, 0.70)]
-    data = {"meta": {"tasks": ["a"], "methods": ["ssf", "full"], "epochs": 10}, "records": records,
-            "longer_schedule": {"epochs": 30, "seed": 0,
-                                "runs": [_rec("a", "ssf", 0, 0.81), _rec("a", "full", 0, 0.75)]}}
-    text = "\n".join(transfer.render_longer_schedule(data, ["ssf", "full"]))
+    records = [_rec("a", "ssf", 0, 0.80), _rec("a", "full", 0, 0.70), _rec("a", "lora", 0, 0.70)]
+    data = {"meta": {"tasks": ["a"], "methods": ["ssf", "full", "lora"], "epochs": 10}, "records": records,
+            "longer_schedule": {"epochs": 30, "seed": 0, "runs": [
+                _rec("a", "ssf", 0, 0.81), _rec("a", "full", 0, 0.75), _rec("a", "lora", 0, 0.6)]}}
+    text = "\n".join(transfer.render_longer_schedule(data, ["ssf", "full", "lora"]))
     assert "| SSF (identity init) | +1.0 / +1.0 | +1.0 |" in text
-    assert "more than 2 points: 1 of 2 (full fine-tuning on a (+5.0))." in text
+    assert "(not converged at 10 epochs): 1 of 3 (full fine-tuning on a (+5.0))." in text
+    assert "over-trains when run longer): 1 of 3 (LoRA r=8 on a (-10.0))." in text

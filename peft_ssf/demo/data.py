@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 IMAGE_SIZE = 32  # final image side, pixels
-GENERATOR_VERSION = 2  # bump when any renderer changes its output; recorded next to generated data
+GENERATOR_VERSION = 3  # bump when any renderer changes its output; recorded next to generated data
 SPLITS = ("train", "validation", "test")
 
 _CANVAS = 2 * IMAGE_SIZE  # render at 2x, then box-downsample
@@ -252,14 +252,15 @@ def _render_counting(rng: np.random.Generator, label: int) -> np.ndarray:
     return _finish(canvas, rng)
 
 
-N_ANGLES = 8  # orientation bins over 180 degrees
+N_ANGLES = 16  # orientation bins over 180 degrees (11.25 degrees each, as VTAB's dSprites orientation)
+ANGLE_JITTER = 3.0  # degrees either side of a bin's centre
 
 
 def _render_orientation(rng: np.random.Generator, label: int) -> np.ndarray:
-    """One elongated bar or ellipse whose angle (mod 180) is within +-8 degrees of ``label * 22.5``."""
+    """One elongated bar or ellipse whose angle (mod 180) is within +-3 degrees of ``label * 11.25``."""
     canvas, bg = _background(rng)
     half_len, half_w = float(rng.uniform(12, 24)), float(rng.uniform(2.5, 4.5))
-    theta = math.radians(label * 180.0 / N_ANGLES + rng.uniform(-8, 8))
+    theta = math.radians(label * 180.0 / N_ANGLES + rng.uniform(-ANGLE_JITTER, ANGLE_JITTER))
     cx, cy = _place(rng, half_len + 1)
     if rng.random() < 0.5:
         unit = [(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]
@@ -311,9 +312,10 @@ def _render_relation(rng: np.random.Generator, label: int) -> np.ndarray:
 TEXTURES = ("blotches", "checker", "dots", "grid", "rings", "stripes", "waves", "zigzag")
 
 
-def _texture_mask(rng: np.random.Generator, kind: str) -> np.ndarray:
-    """Boolean 64x64 pattern of family ``kind`` at a random period, phase and orientation."""
-    p = float(rng.uniform(10, 20))  # period in canvas pixels (5-10 px in the final image)
+def _texture_mask(rng: np.random.Generator, kind: str, period: tuple[float, float] = (10, 20)) -> np.ndarray:
+    """Boolean 64x64 pattern of family ``kind`` at a random period (canvas pixels, drawn from ``period``; the
+    default is 5-10 px in the final image), phase and orientation."""
+    p = float(rng.uniform(*period))
     a = rng.uniform(0, math.pi)
     x0, y0 = rng.uniform(0, _CANVAS, 2)
     u = (_XX - x0) * math.cos(a) + (_YY - y0) * math.sin(a)
@@ -361,10 +363,15 @@ def _texture_mask(rng: np.random.Generator, kind: str) -> np.ndarray:
     raise ValueError(f"unknown texture {kind!r}")
 
 
+#: target texture periods in canvas pixels: 3-6 px in the final image, finer than the source backgrounds' 5-10 px
+TEXTURE_PERIOD = (6.0, 12.0)
+
+
 def _render_texture(rng: np.random.Generator, label: int) -> np.ndarray:
-    """A full-frame two-colour pattern of family ``label`` (random period, phase, orientation, colours)."""
+    """A full-frame two-colour pattern of family ``label`` at a fine period (``TEXTURE_PERIOD``), random phase,
+    orientation and colours."""
     canvas, bg = _background(rng, clutter=False)
-    mask = Image.fromarray(_texture_mask(rng, TEXTURES[label]).astype(np.uint8) * 255)
+    mask = Image.fromarray(_texture_mask(rng, TEXTURES[label], TEXTURE_PERIOD).astype(np.uint8) * 255)
     _paint(canvas, mask, _contrasting_colour(rng, bg, min_diff=50))
     return _finish(canvas, rng)
 
@@ -567,12 +574,13 @@ TASKS: dict[str, TaskSpec] = {
                  SCENE_SHAPES, 1000, 50, 100),
         TaskSpec("digits", "natural", "scikit-learn's real 8x8 handwritten digits, upscaled, tilted, recoloured",
                  tuple(str(d) for d in range(10)), 100, 30, 40),  # at most 174 real images per class
-        TaskSpec("texture", "natural", "which of 8 two-colour texture families (DTD-like), any period/orientation",
+        TaskSpec("texture", "natural",
+                 "which of 8 two-colour texture families (DTD-like), fine period (3-6 px), any orientation",
                  TEXTURES, 125, 40, 125),
         TaskSpec("counting", "structured", "how many small objects, 1 to 6 (CLEVR-count-like)",
                  tuple(f"count_{n}" for n in range(1, MAX_COUNT + 1)), 167, 50, 167),
-        TaskSpec("orientation", "structured", "angle of one elongated bar, 8 bins over 180 degrees (dSprites-like)",
-                 tuple(f"deg_{round(k * 180 / N_ANGLES):03d}" for k in range(N_ANGLES)), 125, 40, 125),
+        TaskSpec("orientation", "structured", "angle of one elongated bar, 16 bins over 180 degrees (dSprites-like)",
+                 tuple(f"deg_{round(k * 180 / N_ANGLES):03d}" for k in range(N_ANGLES)), 63, 20, 63),
         TaskSpec("position", "structured", "which cell of a 3x3 grid holds the one shape (dSprites-like)",
                  tuple(f"r{r}_c{c}" for r in range(GRID) for c in range(GRID)), 111, 33, 111),
         TaskSpec("relation", "structured", "where the cross is relative to the ring: above, below, left or right",
