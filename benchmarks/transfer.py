@@ -78,6 +78,9 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 LADDER: tuple[float, ...] = tuple(float(f"{m}e{e}") for e in range(-7, 1) for m in (1, 3))  # 1e-7 ... 3
 LR_BOUNDS = (1e-6, 1.0)  # widening never goes beyond these
 DEFAULT_EPOCHS = 10  # pilots: within ~2 validation points of 30 epochs on the demo backbone (docs/transfer.md)
+#: tasks that train longer than DEFAULT_EPOCHS (every method alike), set by the convergence check: at 10 epochs four
+#: methods still gained 2.2-2.8 validation points on orientation when trained 3x as long (docs/transfer.md)
+TASK_EPOCHS: dict[str, int] = {"orientation": 20}
 LONGER_FACTOR = 3  # the convergence check retrains the selected configurations for this many times the epochs
 N_CURVE_POINTS = 10  # validation accuracy is recorded at about this many epochs of every run
 DEFAULT_METHODS = ("ssf", "ssf_paper_init", "lora", "ia3", "ln_tuning", "head", "full")
@@ -107,10 +110,22 @@ class Protocol:
     n_test: int | None
     data_seed: int
     data_sha256: tuple[tuple[str, str], ...]  # (task, digest of its arrays): the generators may change
+    task_epochs: tuple[tuple[str, int], ...] = ()  # (task, epochs) where a task trains longer than ``epochs``
+
+    def epochs_for(self, task: str) -> int:
+        """Epochs of ``task``'s runs (the same for every method)."""
+        return dict(self.task_epochs).get(task, self.epochs)
+
+    def longer(self, factor: int) -> Protocol:
+        """This protocol with every task's epochs multiplied by ``factor`` (the convergence check)."""
+        return replace(self, epochs=factor * self.epochs,
+                       task_epochs=tuple((t, factor * e) for t, e in self.task_epochs))
 
     def key(self, task: str) -> str:
-        """Resume key of ``task``'s runs: every field but the snapshot path, and only that task's data digest."""
-        fields = {k: v for k, v in asdict(self).items() if k not in ("backbone", "data_sha256")}
+        """Resume key of ``task``'s runs: every field but the snapshot path, with that task's epochs and only its data
+        digest (so a task's runs stay valid when another task's epochs or data change)."""
+        fields = {k: v for k, v in asdict(self).items() if k not in ("backbone", "data_sha256", "task_epochs")}
+        fields["epochs"] = self.epochs_for(task)
         fields["data"] = dict(self.data_sha256)[task]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -204,13 +219,14 @@ def train_loop(model: nn.Module, forward: Any, x: torch.Tensor, y: torch.Tensor,
     ``N_CURVE_POINTS`` evenly spaced epochs, the last one included. Returns (mean train loss of the last epoch,
     steps, (wall, CPU) seconds spent on those evaluations, which callers subtract from the training time).
     """
-    recipe = engine.Recipe(epochs=protocol.epochs, batch_size=protocol.batch_size, lr=job.lr,
+    epochs = protocol.epochs_for(job.task)
+    recipe = engine.Recipe(epochs=epochs, batch_size=protocol.batch_size, lr=job.lr,
                            weight_decay=WEIGHT_DECAY, warmup=WARMUP_FRAC, clip_norm=CLIP_NORM, seed=job.seed)
-    every = max(1, round(protocol.epochs / N_CURVE_POINTS))
+    every = max(1, round(epochs / N_CURVE_POINTS))
     spent = [0.0, 0.0]
 
     def on_epoch(epoch: int, _loss: float) -> None:
-        if curve is None or curve_data is None or not (epoch % every == 0 or epoch == protocol.epochs):
+        if curve is None or curve_data is None or not (epoch % every == 0 or epoch == epochs):
             return
         t0, c0 = time.perf_counter(), time.process_time()
         model.eval()
@@ -440,13 +456,13 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
 
 def run_longer_schedule(args: argparse.Namespace, protocol: Protocol, data: dict, num_labels: dict[str, int],
                         selection: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Retrain every selected (task, method, rate) with the first seed for ``args.check_epochs`` epochs.
+    """Retrain every selected (task, method, rate) with the first seed for ``args.check_factor`` times its epochs.
 
     The convergence check: if a longer schedule (same rate, same recipe, warm-up and cosine stretched with it) moves
     validation accuracy by no more than the seed spread, the suite's epochs were enough for that method. Nothing is
     selected from these runs; the tables report the suite's epochs.
     """
-    longer = replace(protocol, epochs=args.check_epochs)
+    longer = protocol.longer(args.check_factor)
     done = _load_log(args.runs_log, longer, args.tasks)
     jobs = [Job(v["task"], v["method"], v["selected_lr"], args.seeds[0]) for v in selection.values()]
     runs: list[dict[str, Any]] = []
@@ -458,12 +474,13 @@ def run_longer_schedule(args: argparse.Namespace, protocol: Protocol, data: dict
             with args.runs_log.open("a") as f:
                 f.write(json.dumps({**rec, "protocol": longer.key(job.task)}) + "\n")
         print(f"[longer {len(runs):3d}/{len(jobs)}] {job.task:11s} {job.method:14s} lr {job.lr:<7g} "
-              f"{args.check_epochs} epochs: val {rec['val_acc']:.3f} test {rec['test_acc']:.3f}"
+              f"{longer.epochs_for(job.task)} epochs: val {rec['val_acc']:.3f} test {rec['test_acc']:.3f}"
               f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)
         return []
 
     execute(args, longer, data, num_labels, jobs, done, on_done)
-    return {"epochs": args.check_epochs, "seed": args.seeds[0], "runs": runs}
+    return {"factor": args.check_factor, "epochs": longer.epochs, "task_epochs": dict(longer.task_epochs),
+            "seed": args.seeds[0], "runs": runs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,6 +518,11 @@ def summarise(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _epochs_text(epochs: int, task_epochs: dict[str, int] | None) -> str:
+    """"10 epochs" or "10 epochs; orientation 20"."""
+    return f"{epochs} epochs" + "".join(f"; {t} {e}" for t, e in sorted((task_epochs or {}).items()))
+
+
 def _pct(ms: tuple[float, float] | None) -> str:
     return "-" if ms is None else f"{100 * ms[0]:.1f} ± {100 * ms[1]:.1f}"
 
@@ -515,7 +537,8 @@ def render_markdown(data: dict[str, Any]) -> str:
         "<!-- generated by benchmarks/transfer.py from results/transfer.json; do not edit by hand -->",
         "",
         f"Test accuracy (%) of the validation-selected learning rate, mean ± std over seeds {meta['seeds']} "
-        f"({meta['epochs']} epochs, batch {meta['batch_size']}; backbone `{meta['backbone_name']}`, "
+        f"({_epochs_text(meta['epochs'], meta.get('task_epochs'))}, batch {meta['batch_size']}; backbone "
+        f"`{meta['backbone_name']}`, "
         f"{meta['backbone_params']:,} parameters). *Average* = mean over tasks per seed, then mean ± std over seeds. "
         f"*Trainable* = with the {ref} head ({meta.get('num_labels', {}).get(ref, '?')} classes) / without any head.",
         "",
@@ -636,12 +659,14 @@ def render_longer_schedule(data: dict[str, Any], methods: list[str]) -> list[str
     check = data.get("longer_schedule")
     if not check or not check.get("runs"):
         return []
-    tasks, epochs = data["meta"]["tasks"], data["meta"]["epochs"]
+    tasks, meta = data["meta"]["tasks"], data["meta"]
+    epochs = _epochs_text(meta["epochs"], meta.get("task_epochs"))
+    longer_epochs = _epochs_text(check["epochs"], check.get("task_epochs"))
     suite = {(r["task"], r["method"]): r for r in data["records"] if r["seed"] == check["seed"]}
     longer = {(r["task"], r["method"]): r for r in check["runs"]}
     lines = [f"Convergence check: each selected configuration retrained (seed {check['seed']}, same rate, warm-up and "
-             f"cosine stretched) for {check['epochs']} epochs instead of {epochs}. Cells: change of validation / test "
-             f"accuracy in points ({check['epochs']} minus {epochs} epochs).", "",
+             f"cosine stretched) for {longer_epochs} instead of {epochs}. Cells: change of validation / test "
+             f"accuracy in points (longer minus suite).", "",
              "| method | " + " | ".join(tasks) + " | mean change (val) |", "|---|" + "---|" * (len(tasks) + 1)]
     rose, fell = [], []
     for method in methods:
@@ -661,7 +686,7 @@ def render_longer_schedule(data: dict[str, Any], methods: list[str]) -> list[str
                          + f" | {statistics.fmean(dvals):+.1f} |")
     n = sum(1 for k in longer if k in suite)
     lines += ["", f"Validation accuracy rose by more than {CONVERGED_POINTS:g} points with the longer schedule (not "
-              f"converged at {epochs} epochs): {len(rose)} of {n}" + (f" ({'; '.join(rose)})." if rose else ".")
+              f"converged at the suite's epochs): {len(rose)} of {n}" + (f" ({'; '.join(rose)})." if rose else ".")
               + f" It fell by more than {CONVERGED_POINTS:g} points (the same rate over-trains when run longer): "
               f"{len(fell)} of {n}" + (f" ({'; '.join(fell)})." if fell else "."), ""]
     return lines
@@ -734,9 +759,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=None, help="override every method's grid (exploration)")
     p.add_argument("--no-widen", action="store_true", help="do not widen a grid whose best rate is at an edge")
     p.add_argument("--epochs", type=int, default=None, help=f"default {DEFAULT_EPOCHS} (smoke: 1)")
-    p.add_argument("--check-epochs", type=int, default=None,
-                   help="convergence check: retrain each selected configuration (first seed) for this many epochs "
-                        f"(default {LONGER_FACTOR} x --epochs; 0 = off; smoke: off)")
+    p.add_argument("--task-epochs", nargs="*", default=None, metavar="TASK=EPOCHS",
+                   help=f"tasks that train for other than --epochs (default {TASK_EPOCHS}; smoke: none)")
+    p.add_argument("--check-factor", type=int, default=None,
+                   help="convergence check: retrain each selected configuration (first seed) for this many times "
+                        f"its epochs (default {LONGER_FACTOR}; 0 = off; smoke: off)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--n-train", type=int, default=None, help="train images per class (default: the task's)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the generated task data")
@@ -755,8 +782,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.seeds = args.seeds or ([0] if smoke else [0, 1, 2])
     args.epochs = args.epochs or (1 if smoke else DEFAULT_EPOCHS)
     args.workers = args.workers or (1 if smoke else 2)
-    if args.check_epochs is None:
-        args.check_epochs = 0 if smoke else LONGER_FACTOR * args.epochs
+    if args.check_factor is None:
+        args.check_factor = 0 if smoke else LONGER_FACTOR
+    if args.task_epochs is None:
+        args.task_epochs = {} if smoke else {t: e for t, e in TASK_EPOCHS.items() if t in args.tasks}
+    else:
+        args.task_epochs = {t: int(e) for t, e in (item.split("=", 1) for item in args.task_epochs)}
+        unknown = set(args.task_epochs) - set(args.tasks)
+        if unknown:
+            p.error(f"--task-epochs names tasks this run does not include: {sorted(unknown)}")
     return args
 
 
@@ -787,13 +821,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         data = {t: load_task_arrays(t, root, args.data_seed, sizes) for t in args.tasks}
         digests = tuple((t, arrays_digest(d)) for t, d in data.items())
         protocol = Protocol(str(snapshot), backbone_digest(snapshot), args.epochs, args.batch_size,
-                            sizes["n_train"], sizes.get("n_val"), sizes.get("n_test"), args.data_seed, digests)
+                            sizes["n_train"], sizes.get("n_val"), sizes.get("n_test"), args.data_seed, digests,
+                            tuple(sorted(args.task_epochs.items())))
         num_labels = {t: TASKS[t].num_classes for t in args.tasks}
         print(f"data ready in {time.time() - t0:.1f}s: " + ", ".join(
             f"{t} {len(d['train'][1])}/{len(d['validation'][1])}/{len(d['test'][1])}" for t, d in data.items())
             + f"; backbone sha256 {protocol.backbone_sha256[:12]}", flush=True)
         records, selection, all_runs = run_suite(args, protocol, data, num_labels)
-        longer = (run_longer_schedule(args, protocol, data, num_labels, selection) if args.check_epochs > 0
+        longer = (run_longer_schedule(args, protocol, data, num_labels, selection) if args.check_factor > 0
                   else None)
         config = json.loads((snapshot / "config.json").read_text())
         backbone_params = count_checkpoint_params(snapshot / "model.safetensors")
@@ -808,7 +843,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      f"an edge-selected rate adds the next half-decade rate beyond it, within {LR_BOUNDS}"},
         "smoke": args.smoke, "tasks": args.tasks, "num_labels": num_labels, "methods": args.methods,
         "seeds": args.seeds,
-        "epochs": args.epochs, "batch_size": args.batch_size, "per_class_sizes": sizes,
+        "epochs": args.epochs, "task_epochs": args.task_epochs, "batch_size": args.batch_size,
+        "per_class_sizes": sizes,
         "data_seed": args.data_seed, "backbone_name": os.path.relpath(args.backbone, REPO)
         if args.backbone.resolve().is_relative_to(REPO) else str(args.backbone),
         "backbone_sha256": protocol.backbone_sha256, "backbone_params": backbone_params,

@@ -40,7 +40,8 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def smoke(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     out = tmp_path_factory.mktemp("transfer")
     threads = torch.get_num_threads()
-    result = transfer.main(["--smoke", "--backbone", str(tiny_backbone), "--out", str(out), "--check-epochs", "2"])
+    result = transfer.main(["--smoke", "--backbone", str(tiny_backbone), "--out", str(out), "--check-factor", "2",
+                             "--task-epochs", "counting=2"])
     assert torch.get_num_threads() == threads  # the in-process run restores the thread count
     return out, result
 
@@ -51,6 +52,7 @@ def test_json_schema(smoke: tuple[Path, dict[str, Any]]) -> None:
     assert data == json.loads(json.dumps(result))
     meta, records = data["meta"], data["records"]
     assert meta["smoke"] and meta["tasks"] == ["counting"] and meta["seeds"] == [0] and meta["epochs"] == 1
+    assert meta["task_epochs"] == {"counting": 2}
     assert meta["methods"] == list(transfer.DEFAULT_METHODS)
     assert {(r["task"], r["method"], r["seed"]) for r in records} == {("counting", m, 0) for m in meta["methods"]}
     assert len(records) == len(meta["methods"])
@@ -61,7 +63,7 @@ def test_json_schema(smoke: tuple[Path, dict[str, Any]]) -> None:
         assert rec["train_seconds"] >= 0 and rec["trainable_params"] > 0
         grid = transfer.LR_GRID[rec["method"]]
         assert rec["lr"] == grid[len(grid) // 2]  # smoke: the middle of each grid
-        assert rec["val_curve"] and rec["val_curve"][-1] == [1, rec["val_acc"]]  # one epoch: one point, the final
+        assert [e for e, _ in rec["val_curve"]] == [1, 2] and rec["val_curve"][-1] == [2, rec["val_acc"]]
         sel = data["lr_selection"][f"counting/{rec['method']}"]
         assert sel["selected_lr"] == rec["lr"] and len(sel["grid"]) == 1
 
@@ -124,15 +126,16 @@ def test_select_lr_ties() -> None:
 
 
 def test_longer_schedule_check(smoke: tuple[Path, dict[str, Any]]) -> None:
-    """The convergence check retrains each selected configuration, first seed, for --check-epochs epochs."""
+    """The convergence check retrains each selected configuration, first seed, for --check-factor x its epochs."""
     data = smoke[1]
     check = data["longer_schedule"]
-    assert check["epochs"] == 2 and check["seed"] == 0
+    assert check["factor"] == 2 and check["epochs"] == 2 and check["task_epochs"] == {"counting": 4}
+    assert check["seed"] == 0
     selected = {(v["task"], v["method"], v["selected_lr"]) for v in data["lr_selection"].values()}
     assert {(r["task"], r["method"], r["lr"]) for r in check["runs"]} == selected
     assert len(check["runs"]) == len(selected)
     for rec in check["runs"]:
-        assert rec["val_curve"][-1] == [2, rec["val_acc"]] and rec["seed"] == 0
+        assert rec["val_curve"][-1] == [4, rec["val_acc"]] and rec["seed"] == 0
         suite = next(r for r in data["records"] if (r["task"], r["method"]) == (rec["task"], rec["method"]))
         assert rec["steps"] == 2 * suite["steps"]
 
@@ -144,5 +147,18 @@ def test_longer_schedule_table_counts_moved_configurations() -> None:
                 _rec("a", "ssf", 0, 0.81), _rec("a", "full", 0, 0.75), _rec("a", "lora", 0, 0.6)]}}
     text = "\n".join(transfer.render_longer_schedule(data, ["ssf", "full", "lora"]))
     assert "| SSF (identity init) | +1.0 / +1.0 | +1.0 |" in text
-    assert "(not converged at 10 epochs): 1 of 3 (full fine-tuning on a (+5.0))." in text
+    assert "for 30 epochs instead of 10 epochs." in text
+    assert "(not converged at the suite's epochs): 1 of 3 (full fine-tuning on a (+5.0))." in text
     assert "over-trains when run longer): 1 of 3 (LoRA r=8 on a (-10.0))." in text
+
+
+def test_task_epochs_change_only_that_tasks_resume_key() -> None:
+    """A task trained longer gets its own key; the other tasks keep theirs, so their logged runs are reused."""
+    base = transfer.Protocol("/x", "sha", 10, 32, None, None, None, 0, (("a", "da"), ("b", "db")))
+    longer_b = transfer.Protocol("/y", "sha", 10, 32, None, None, None, 0, (("a", "da"), ("b", "db")), (("b", 20),))
+    assert longer_b.key("a") == base.key("a") and longer_b.epochs_for("a") == 10
+    assert longer_b.key("b") != base.key("b") and longer_b.epochs_for("b") == 20
+    assert longer_b.key("b") == transfer.Protocol("/z", "sha", 20, 32, None, None, None, 0,
+                                                  (("a", "da"), ("b", "db"))).key("b")
+    check = longer_b.longer(3)
+    assert (check.epochs_for("a"), check.epochs_for("b")) == (30, 60)
