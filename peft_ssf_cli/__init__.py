@@ -135,7 +135,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--quick", action="store_true", help="a much shorter run on less data (smoke test)")
     p.add_argument("--task", default="orientation", choices=DEMO_TASKS, help="target task")
-    p.add_argument("--epochs", type=float, default=15.0, help="epochs per method")
+    p.add_argument("--epochs", type=float, default=20.0,
+                   help="epochs per method (the transfer benchmark's protocol for orientation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, the new heads and the data order")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; fixed so that results do not depend on the machine's core count")

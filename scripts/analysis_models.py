@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     if any(v is None for v in lrs.values()):
         raise SystemExit(f"no selected rate for {[m for m, v in lrs.items() if v is None]} in {args.results}; "
                          "pass --lr METHOD=RATE")
-    epochs = args.epochs or results["meta"].get("epochs", transfer.DEFAULT_EPOCHS)
+    meta = results["meta"]
+    epochs = args.epochs or meta.get("task_epochs", {}).get(args.task, meta.get("epochs", transfer.DEFAULT_EPOCHS))
 
     args.out.mkdir(parents=True, exist_ok=True)
     pre_dir = args.out / "pretrained"

@@ -141,15 +141,46 @@ def test_longer_schedule_check(smoke: tuple[Path, dict[str, Any]]) -> None:
 
 
 def test_longer_schedule_table_counts_moved_configurations() -> None:
-    records = [_rec("a", "ssf", 0, 0.80), _rec("a", "full", 0, 0.70), _rec("a", "lora", 0, 0.70)]
-    data = {"meta": {"tasks": ["a"], "methods": ["ssf", "full", "lora"], "epochs": 10}, "records": records,
-            "longer_schedule": {"epochs": 30, "seed": 0, "runs": [
-                _rec("a", "ssf", 0, 0.81), _rec("a", "full", 0, 0.75), _rec("a", "lora", 0, 0.6)]}}
-    text = "\n".join(transfer.render_longer_schedule(data, ["ssf", "full", "lora"]))
+    """Seed-0 changes in the table; a rise is confirmed or dismissed by the mean over the seeds that were rerun."""
+    records = [_rec("a", "ssf", 0, 0.80), _rec("a", "full", 0, 0.70), _rec("a", "lora", 0, 0.70),
+               _rec("a", "ia3", 0, 0.70), _rec("a", "full", 1, 0.70), _rec("a", "ia3", 1, 0.70)]
+    runs = [_rec("a", "ssf", 0, 0.81), _rec("a", "full", 0, 0.75), _rec("a", "lora", 0, 0.6),
+            _rec("a", "ia3", 0, 0.73), _rec("a", "full", 1, 0.74), _rec("a", "ia3", 1, 0.69)]
+    data = {"meta": {"tasks": ["a"], "methods": ["ssf", "full", "lora", "ia3"], "epochs": 10}, "records": records,
+            "longer_schedule": {"factor": 3, "epochs": 30, "seed": 0, "runs": runs}}
+    text = "\n".join(transfer.render_longer_schedule(data, ["ssf", "full", "lora", "ia3"]))
+    assert "for 3x its epochs (30 epochs) instead of the suite's (10 epochs)." in text
     assert "| SSF (identity init) | +1.0 / +1.0 | +1.0 |" in text
-    assert "for 30 epochs instead of 10 epochs." in text
-    assert "(not converged at the suite's epochs): 1 of 3 (full fine-tuning on a (+5.0))." in text
-    assert "over-trains when run longer): 1 of 3 (LoRA r=8 on a (-10.0))." in text
+    assert "on seed 0: 2 of 4 (full fine-tuning on a (+5.0, mean over seeds [0, 1]: +4.5); " in text
+    assert "IA3 on a (+3.0, mean over seeds [0, 1]: +1.0)); those are rerun" in text
+    assert "**1 of 4** still rise" in text
+    assert "over-trains when run longer): 1 of 4 (LoRA r=8 on a (-10.0))." in text
+
+
+def test_longer_schedule_reruns_other_seeds_of_a_rising_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a configuration whose first seed rose by more than CONVERGED_POINTS gets the other seeds."""
+    import argparse
+
+    ran: list[transfer.Job] = []
+    longer_val = {("a", "ssf"): 0.90, ("a", "full"): 0.71}
+
+    def fake_execute(args, protocol, data, num_labels, jobs, done, on_done):  # noqa: ANN001, ANN202
+        queue = list(jobs)
+        while queue:
+            job = queue.pop(0)
+            ran.append(job)
+            queue.extend(on_done(job, {**_rec(job.task, job.method, job.seed, longer_val[job.task, job.method]),
+                                       "lr": job.lr}, False))
+
+    monkeypatch.setattr(transfer, "execute", fake_execute)
+    args = argparse.Namespace(check_factor=3, runs_log=None, tasks=["a"], seeds=[0, 1, 2])
+    protocol = transfer.Protocol("/x", "sha", 10, 32, None, None, None, 0, (("a", "da"),))
+    selection = {"a/ssf": {"task": "a", "method": "ssf", "selected_lr": 0.1},
+                 "a/full": {"task": "a", "method": "full", "selected_lr": 0.001}}
+    records = [_rec("a", m, s, 0.70) for m in ("ssf", "full") for s in (0, 1, 2)]
+    out = transfer.run_longer_schedule(args, protocol, {}, {}, selection, records)
+    assert [(j.method, j.seed) for j in ran] == [("ssf", 0), ("full", 0), ("ssf", 1), ("ssf", 2)]
+    assert out["factor"] == 3 and out["epochs"] == 30 and len(out["runs"]) == 4
 
 
 def test_task_epochs_change_only_that_tasks_resume_key() -> None:

@@ -29,8 +29,8 @@ from ..io import atomic_write, check_output_dir
 from . import BACKBONE_DIR, TASKS, make_task
 
 #: learning rates per method for the demo: the transfer benchmark's validation-selected rates for the default task
-#: (orientation: head only, SSF paper init, full fine-tuning; benchmarks/results/transfer.md)
-DEMO_LR = {"head": 1e-1, "ssf": 3e-2, "full": 3e-3}
+#: (orientation, 20 epochs: head only, SSF paper init, full fine-tuning; benchmarks/results/transfer.md)
+DEMO_LR = {"head": 1e-1, "ssf": 3e-2, "full": 1e-3}
 #: the engine's label of each demo row (the demo's SSF uses the paper recipe, hence the paper init)
 ROW_METHOD = {"head": "head", "ssf": "ssf_paper_init", "full": "full"}
 
@@ -91,7 +91,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 
 def run_demo(out: str = "ssf-demo-output", overwrite: bool = False, quick: bool = False, task: str = "orientation",
-             epochs: float = 15.0, seed: int = 0, threads: int = 1, progress: bool = True) -> int:
+             epochs: float = 20.0, seed: int = 0, threads: int = 1, progress: bool = True) -> int:
     """Run the demo, print the table, return a process exit code (1 if the merged model disagrees)."""
     from ..train import train
 
