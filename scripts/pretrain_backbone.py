@@ -21,13 +21,15 @@ reductions may group differently with another thread count, and on a shared 2-co
 fastest per CPU second). ``--resume`` continues from the state saved after every epoch (model, optimiser, schedule,
 generator), which gives the same weights as an uninterrupted run.
 
-Shared with the other apps (``peft_ssf.engine``): the parameter groups (``param_groups``: weight decay on the
-classifier's weight matrix only), the schedule (``warmup_cosine``: linear warm-up, then cosine decay to 0 over the
-remaining steps), the normalisation (``to_pixel_values``) and the image processor writer. The loop stays here: it
-streams a fresh chunk per epoch, sums one loss per factor and saves resumable state, which ``engine.fit`` does not.
-The shipped checkpoint predates that switch: it was trained with weight decay on every weight matrix except the
-position and CLS embeddings, and with the cosine running over all steps (multiplied by the warm-up ramp). Rerunning
-this script now therefore gives a different checkpoint from the shipped one (see the backbone README).
+Shared with the other apps (``peft_ssf.engine``): the normalisation (``to_pixel_values``) and the image processor
+writer. The loop stays here: it streams a fresh chunk per epoch, sums one loss per factor and saves resumable state,
+which ``engine.fit`` does not. Two recipes (``--recipe``):
+
+* ``shipped`` (default): the recipe the shipped checkpoint was trained with, so the command below reproduces it:
+  weight decay on every weight matrix except the position and CLS embeddings (``shipped_param_groups``), and the
+  cosine running over all steps multiplied by the warm-up ramp (``shipped_schedule``).
+* ``engine``: the applications' shared rule (``engine.param_groups``: weight decay on the classifier's weight matrix
+  only; ``engine.warmup_cosine``: cosine over the steps after the warm-up). It gives a different checkpoint.
 
     HF_HUB_OFFLINE=1 python scripts/pretrain_backbone.py --log pretrain.jsonl        # the shipped checkpoint
     HF_HUB_OFFLINE=1 python scripts/pretrain_backbone.py --max-steps 5 --out /tmp/bb  # quick determinism check
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -88,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--recipe", choices=("shipped", "engine"), default="shipped",
+                   help="parameter groups and schedule: the shipped checkpoint's (reproduces it) or the engine's rule")
     p.add_argument("--warmup-frac", type=float, default=0.03, help="fraction of steps with linear warmup")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--n-val", type=int, default=TASKS[SOURCE_TASK].n_val, help="validation images per shape")
@@ -170,6 +175,21 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+def shipped_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The shipped checkpoint's groups: decay on weight matrices, not on biases, norms, position / CLS embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not name.endswith(("cls_token", "position_embeddings")) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def shipped_schedule(opt: torch.optim.Optimizer, total: int, warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """The shipped checkpoint's schedule: linear warm-up ramp times a cosine over *all* ``total`` steps."""
+    warmup = max(1, int(warmup_frac * total))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total))))
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -191,10 +211,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = engine.make_optimizer(model, args.lr, args.weight_decay)
     steps_per_epoch = args.chunk // args.batch_size  # drop the last partial batch: fixed shapes, simpler
     total = args.epochs * steps_per_epoch
-    sched = engine.warmup_cosine(opt, total, args.warmup_frac)
+    if args.recipe == "shipped":
+        opt = torch.optim.AdamW(shipped_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+        sched = shipped_schedule(opt, total, args.warmup_frac)
+    else:
+        opt = engine.make_optimizer(model, args.lr, args.weight_decay)
+        sched = engine.warmup_cosine(opt, total, args.warmup_frac)
     gen = torch.Generator().manual_seed(args.seed)  # batch order
     history: list[dict] = []
     start_epoch, step, cpu_before = 0, 0, 0.0
@@ -313,10 +337,12 @@ def write_readme(args: argparse.Namespace, s: dict) -> None:
          else "cross-entropy on the shape"),
         ("data", f"{args.epochs} epochs x {args.chunk:,} fresh scenes (`source_stream`, seed {args.seed}): "
                  f"{s['steps'] * args.batch_size:,} images, none seen twice; no augmentation"),
-        ("recipe", f"AdamW lr {args.lr}, betas 0.9 / 0.999, wd {args.weight_decay} (the engine's rule: classifier "
-                   f"weight matrix only), batch {args.batch_size}, {s['steps']:,} steps, {args.warmup_frac:.0%} "
-                   "linear warmup then cosine to 0, "
-                   f"label smoothing {args.label_smoothing}, grad-clip 1.0"),
+        ("recipe", f"AdamW lr {args.lr}, betas 0.9 / 0.999, wd {args.weight_decay} "
+                   + ("(weight matrices only, not position / CLS embeddings)" if args.recipe == "shipped" else
+                      "(the engine's rule: classifier weight matrix only)")
+                   + f", batch {args.batch_size}, {s['steps']:,} steps, {args.warmup_frac:.0%} linear warmup then "
+                   + ("cosine to 0 (cosine over all steps, times the warm-up ramp)" if args.recipe == "shipped" else
+                      "cosine to 0") + f", label smoothing {args.label_smoothing}, grad-clip 1.0"),
         ("source accuracy (test)", f"{acc(s['test'])} ({spec.n_test if args.n_test is None else args.n_test} "
                                    f"test images per shape, {len(SOURCE_FACTORS['shape']) * args.n_test} in all)"),
         ("source accuracy (validation)", acc(s["val"])),
