@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -335,9 +335,16 @@ def _load_log(path: Path | None, protocol: Protocol, tasks: Sequence[str]) -> di
     return done
 
 
+def _append_run(runs_log: Path | None, rec: dict[str, Any], key: str) -> None:
+    """Append a finished run to the runs log (one JSON line, tagged with its protocol key), if there is one."""
+    if runs_log is not None:
+        with runs_log.open("a") as f:
+            f.write(json.dumps({**rec, "protocol": key}) + "\n")
+
+
 def execute(args: argparse.Namespace, protocol: Protocol, data: dict, num_labels: dict[str, int],
             jobs: list[Job], done: dict[tuple, dict[str, Any]],
-            on_done: Any) -> None:
+            on_done: Callable[[Job, dict[str, Any], bool], list[Job]]) -> None:
     """Run ``jobs`` and every job ``on_done(job, record, cached)`` returns, reusing ``done`` (the runs log).
 
     Workers <= 1 (the smoke test): in this process, restoring what ``init_worker`` changes afterwards; otherwise a
@@ -414,9 +421,8 @@ def run_suite(args: argparse.Namespace, protocol: Protocol, data: dict, num_labe
 
     def log(job: Job, rec: dict[str, Any], cached: bool) -> None:
         runs[job] = rec
-        if not cached and args.runs_log is not None:
-            with args.runs_log.open("a") as f:
-                f.write(json.dumps({**rec, "protocol": protocol.key(job.task)}) + "\n")
+        if not cached:
+            _append_run(args.runs_log, rec, protocol.key(job.task))
         print(f"[{len(runs):3d}/{n_total}] {job.task:11s} {job.method:14s} lr {job.lr:<7g} seed {job.seed}  "
               f"val {rec['val_acc']:.3f} test {rec['test_acc']:.3f}  {rec['train_seconds']:6.1f}s"
               f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)
@@ -477,9 +483,8 @@ def run_longer_schedule(args: argparse.Namespace, protocol: Protocol, data: dict
     def on_done(job: Job, rec: dict[str, Any], cached: bool) -> list[Job]:
         nonlocal n_total
         runs.append(rec)
-        if not cached and args.runs_log is not None:
-            with args.runs_log.open("a") as f:
-                f.write(json.dumps({**rec, "protocol": longer.key(job.task)}) + "\n")
+        if not cached:
+            _append_run(args.runs_log, rec, longer.key(job.task))
         print(f"[longer {len(runs):3d}/{n_total}] {job.task:11s} {job.method:14s} lr {job.lr:<7g} seed {job.seed} "
               f"{longer.epochs_for(job.task)} epochs: val {rec['val_acc']:.3f} test {rec['test_acc']:.3f}"
               f"{' (cached)' if cached else ''}  [{time.time() - t_start:.0f}s]", flush=True)

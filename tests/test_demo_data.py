@@ -230,3 +230,34 @@ def test_backbone_adapts_to_new_label_set() -> None:
 
     model = ViTForImageClassification.from_pretrained(BACKBONE_DIR, num_labels=6, ignore_mismatched_sizes=True)
     assert model.classifier.out_features == 6
+
+
+def test_target_textures_are_finer_than_the_source_backgrounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The texture task draws its period from TEXTURE_PERIOD (3-6 px in the image); source backgrounds keep 5-10 px."""
+    from peft_ssf.demo import data as D
+
+    def edges(period: tuple[float, float] | None) -> float:
+        rng = np.random.default_rng(0)
+        extra = () if period is None else (period,)
+        masks = [D._texture_mask(rng, "stripes", *extra).astype(int) for _ in range(20)]
+        return float(np.mean([np.abs(np.diff(m, axis=1)).sum() + np.abs(np.diff(m, axis=0)).sum() for m in masks]))
+
+    assert D.TEXTURE_PERIOD == (6.0, 12.0)
+    assert edges(D.TEXTURE_PERIOD) > 1.4 * edges(None)
+    seen: list[tuple[float, float]] = []
+    real = D._texture_mask
+    def spy(rng: np.random.Generator, kind: str, period: tuple[float, float] = (10, 20)) -> np.ndarray:
+        seen.append(period)
+        return real(rng, kind, period)
+
+    monkeypatch.setattr(D, "_texture_mask", spy)
+    D._render_texture(np.random.default_rng(0), 0)
+    assert seen == [D.TEXTURE_PERIOD]
+
+
+def test_orientation_has_16_bins_of_11_25_degrees() -> None:
+    from peft_ssf.demo import data as D
+
+    spec = D.TASKS["orientation"]
+    assert spec.num_classes == D.N_ANGLES == 16 and len(set(spec.classes)) == 16
+    assert spec.classes[:3] == ("deg_000", "deg_011", "deg_022") and spec.classes[-1] == "deg_169"

@@ -193,3 +193,17 @@ def test_task_epochs_change_only_that_tasks_resume_key() -> None:
                                                   (("a", "da"), ("b", "db"))).key("b")
     check = longer_b.longer(3)
     assert (check.epochs_for("a"), check.epochs_for("b")) == (30, 60)
+
+
+def test_runs_log_is_appended_once_and_reused(tiny_backbone: Path, tmp_path: Path) -> None:
+    """Every fresh run (suite and convergence check) is logged once; a second invocation reruns nothing."""
+    log = tmp_path / "runs.jsonl"
+    argv = ["--smoke", "--backbone", str(tiny_backbone), "--no-plot", "--check-factor", "2", "--runs-log", str(log)]
+    first = transfer.main([*argv, "--out", str(tmp_path / "a")])
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(first["all_runs"]) + len(first["longer_schedule"]["runs"])
+    assert all("protocol" in json.loads(line) for line in lines)
+    second = transfer.main([*argv, "--out", str(tmp_path / "b")])
+    assert log.read_text().splitlines() == lines  # nothing new was trained
+    assert second["records"] == first["records"]
+    assert second["longer_schedule"]["runs"] == first["longer_schedule"]["runs"]
