@@ -7,6 +7,7 @@ Importing this package registers SSF with PEFT (idempotent), after which ``get_p
 from __future__ import annotations
 
 from .config import SSFConfig
+from .guard import refresh_scale_guard
 from .hub import install_push_to_hub, model_card, push_adapter_to_hub
 from .layer import SSFLayer
 from .model import SSFModel
@@ -29,6 +30,7 @@ __all__ = [
     "is_registered",
     "model_card",
     "push_adapter_to_hub",
+    "refresh_scale_guard",
     "register",
     "resolve_preset",
 ]

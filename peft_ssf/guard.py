@@ -10,18 +10,28 @@ version counter.
 So ``SSFModel`` checks every active scale of the model once at the start of each training forward, in one batched
 reduction and one sync (``scale_guard``), and each site looks its answer up (``site_may_keep_output``). Sharded
 parameters (FSDP2 ``DTensor``) are reduced over their mesh, so every rank sees the global minimum. Outside such a
-forward (a layer called directly, ``inject_adapter_in_model`` without ``PeftModel``) a site checks its own scale;
-under ``torch.compile`` the caller uses the naive op instead, which needs no decision at all.
+forward (a layer called directly, ``inject_adapter_in_model`` without ``PeftModel``) a site checks its own scale.
+
+A compiled graph cannot make that decision (a host sync inside it is a graph break), so under ``torch.compile`` each
+layer reads a plain Python answer instead, ``layer.ssf_keep_output[adapter]``, which Dynamo guards on: the graph is
+built for the answer it saw and rebuilt when the answer changes. The answers are refreshed outside compiled code:
+when an adapter is created or loaded (``load_state_dict``), by every eager training forward's check, and after every
+optimizer step that updates SSF scales (a global ``register_optimizer_step_post_hook``, one sync per step, the same
+check as above). A scale written by hand between those points is caught inside the graph
+(``assert_compiled_scales``): the forward raises an error naming ``refresh_scale_guard`` instead of returning wrong
+gradients.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Optional
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 #: Below this magnitude dividing by the scale (to get the scale gradient from the output) amplifies rounding noise.
 RECONSTRUCT_MIN_SCALE = 1e-3
@@ -93,6 +103,14 @@ class _Flags:
         self.flags = flags
 
 
+def _record(sites: list[tuple[object, str, torch.Tensor]], answers: list[bool]) -> None:
+    """Store each site's answer where compiled code reads it (``layer.ssf_keep_output``)."""
+    for (layer, adapter, _), ok in zip(sites, answers):
+        flags = getattr(layer, "ssf_keep_output", None)
+        if flags is not None and flags.get(adapter) is not ok:
+            flags[adapter] = ok
+
+
 @contextmanager
 def scale_guard(sites: Iterable[tuple[object, str, torch.Tensor]]) -> Iterator[None]:
     """Check every ``(layer, adapter, scale)`` once for the forward inside (a nested forward reuses the outer one)."""
@@ -101,6 +119,7 @@ def scale_guard(sites: Iterable[tuple[object, str, torch.Tensor]]) -> Iterator[N
         return
     sites = list(sites)
     answers = scales_reconstructible([scale for _, _, scale in sites])
+    _record(sites, answers)
     _LOCAL.flags = _Flags({(id(layer), adapter): ok for (layer, adapter, _), ok in zip(sites, answers)})
     try:
         yield
@@ -116,3 +135,58 @@ def site_may_keep_output(layer: object, adapter: str, scale: torch.Tensor) -> bo
         if answer is not None:
             return answer
     return scales_reconstructible([scale])[0]
+
+
+# ----- answers for compiled graphs ----------------------------------------------------------------------------------
+def refresh_sites(sites: Iterable[tuple[object, str, torch.Tensor]]) -> None:
+    """Recompute ``layer.ssf_keep_output[adapter]`` for every ``(layer, adapter, scale)`` (one sync for all)."""
+    sites = [site for site in sites if site[2].device.type != "meta"]
+    if sites:
+        _record(sites, scales_reconstructible([scale for _, _, scale in sites]))
+
+
+def refresh_scale_guard(model: torch.nn.Module) -> None:
+    """Re-check every SSF scale of ``model`` for compiled graphs, after changing scales by hand (outside an optimizer
+    step, ``load_state_dict`` or an eager training forward, which refresh it themselves)."""
+    refresh_sites(
+        (module, name, scale)
+        for module in model.modules()
+        if isinstance(getattr(module, "ssf_keep_output", None), dict)
+        for name, scale in module.ssf_scale.items()
+    )
+
+
+def assert_compiled_scales(scale: torch.Tensor, layer: object, adapter: str) -> None:
+    """Inside a compiled graph built for the output-keeping backward: fail the forward (no host sync, no graph break)
+    if a scale is below ``RECONSTRUCT_MIN_SCALE`` after all, which only a write by hand outside an optimizer step
+    can cause."""
+    torch._assert_async(
+        scale.detach().abs().amin() >= RECONSTRUCT_MIN_SCALE,
+        f"SSF adapter '{adapter}' on {type(layer).__name__}: a scale is below {RECONSTRUCT_MIN_SCALE} but this "
+        "compiled graph was built for scales at or above it (the scales were changed outside an optimizer step, "
+        "e.g. by hand under torch.no_grad()). Call peft_ssf.refresh_scale_guard(model) after changing scales, "
+        "then run the forward again.",
+    )
+
+
+#: SSF tuners whose answers an optimizer step refreshes (weak: a deleted model drops out)
+_TUNERS: weakref.WeakSet[object] = weakref.WeakSet()
+_HOOK: list[object] = []
+
+
+def track(tuner: object) -> None:
+    """Refresh ``tuner``'s answers after every optimizer step that updates one of its scales (``tuner`` has
+    ``_fused_sites()``). Registers the global optimizer post-step hook once per process."""
+    _TUNERS.add(tuner)
+    if not _HOOK:
+        _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    if not _TUNERS:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for tuner in list(_TUNERS):
+        sites = tuner._fused_sites()
+        if any(id(scale) in stepped for _, _, scale in sites):
+            refresh_sites(sites)

@@ -27,7 +27,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
-from .guard import site_may_keep_output
+from .guard import assert_compiled_scales, refresh_sites, site_may_keep_output
 from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
@@ -41,7 +41,7 @@ class SSFLayer(BaseTunerLayer):
 
     adapter_layer_names = ("ssf_scale", "ssf_shift")
     #: per-adapter settings that PEFT deletes together with the adapter
-    other_param_names = ("ssf_fused",)
+    other_param_names = ("ssf_fused", "ssf_keep_output")
 
     #: output axis carrying the channels; subclasses set it (or compute it in ``_channel_dim``)
     channel_dim: int = -1
@@ -54,6 +54,9 @@ class SSFLayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.ssf_scale = nn.ParameterDict({})
         self.ssf_shift = nn.ParameterDict({})
+        #: per adapter: may a compiled graph keep the output (every |scale| >= 1e-3)? Kept current by guard.py
+        self.ssf_keep_output: dict[str, bool] = {}
+        self.register_load_state_dict_post_hook(_refresh_after_load)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.ssf_fused: dict[str, bool] = {}  # adapter -> use the memory-saving training op
@@ -82,9 +85,14 @@ class SSFLayer(BaseTunerLayer):
         """Training forward that stores no extra activation. Default: base op + output-saving SSF op."""
         out = self.base_layer(x, *args, **kwargs)
         scale, shift = self._broadcast_params(adapter, out)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            # compiled graphs: the plain formulation has no data-dependent branch, and the compiler's partitioner
-            # picks what to keep for backward
+        if not torch.is_grad_enabled():
+            return scale_shift_naive(out, scale, shift)
+        if torch.compiler.is_compiling():
+            # no host sync in a graph: read the last check's answer (Dynamo guards on it and rebuilds the graph when
+            # it changes; guard.py keeps it current) and verify it inside the graph
+            if self.ssf_keep_output.get(adapter, False):
+                assert_compiled_scales(self.ssf_scale[adapter], self, adapter)
+                return scale_shift_fused(out, scale, shift, from_output=True)
             return scale_shift_naive(out, scale, shift)
         keep_output = site_may_keep_output(self, adapter, self.ssf_scale[adapter])
         return scale_shift_fused(out, scale, shift, from_output=keep_output, mode=self._pairing_mode(), owner=self)
@@ -113,6 +121,8 @@ class SSFLayer(BaseTunerLayer):
             del self.ssf_shift[adapter_name]
         self.reset_ssf_parameters(adapter_name, init_weights)
         self.ssf_fused[adapter_name] = fused
+        self.ssf_keep_output[adapter_name] = False
+        refresh_sites([(self, adapter_name, self.ssf_scale[adapter_name])])
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -298,6 +308,20 @@ class SSFLayer(BaseTunerLayer):
         scale, shift = self._adapter_tensors(adapter, cdtype)
         base = self.get_base_layer()
         return {k: v - getattr(base, k).detach().to(cdtype) for k, v in self._merged_params(scale, shift).items()}
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: loaded scales get a fresh answer for compiled graphs (see guard.py).
+
+    Sharded (DTensor) scales would need a collective, and a load need not run on every rank: they get "no" (the plain
+    formulation, always exact) until the next optimizer step or eager training forward checks them on all ranks."""
+    local = []
+    for name, scale in module.ssf_scale.items():
+        if type(scale.data).__name__ == "DTensor":
+            module.ssf_keep_output[name] = False
+        else:
+            local.append((module, name, scale))
+    refresh_sites(local)
 
 
 def _param_device(module: nn.Module) -> Optional[torch.device]:

@@ -133,6 +133,7 @@ class SSFModel(BaseTuner):
         registry = self.__dict__.setdefault("_ssf_registry", [])
         if not any(known is layer for known in registry):
             registry.append(layer)
+        guard.track(self)  # optimizer steps refresh the answers compiled graphs read
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child

@@ -22,6 +22,13 @@ def _grads(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _grads_through(compiled: nn.Module, model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``_grads`` with the forward run by ``compiled`` (a ``torch.compile`` of ``model``), named as in ``model``."""
+    model.zero_grad(set_to_none=True)
+    compiled(pixel_values=pixels, labels=LABELS).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def _pair(config: dict, fam: str = "vit") -> tuple[nn.Module, nn.Module]:
     """The same SSF model twice: fused op (default) and the naive reference op, identical weights."""
     fused = get_peft_model(FAMILIES[fam](), SSFConfig(init_weights=False, modules_to_save=["classifier"], **config))
@@ -127,6 +134,117 @@ def test_compiled_gradients_equal_eager(family, pixels):
     for name, g in eager.items():
         got = dict(model.named_parameters())[name].grad
         torch.testing.assert_close(got, g, rtol=1e-4, atol=1e-6 * max(g.abs().max().item(), 1.0), msg=name)
+
+
+def _compiled_saved_bytes(model: nn.Module, pixels: torch.Tensor) -> int:
+    """Bytes of the activations a compiled graph keeps for backward (unique storages, parameters excluded)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager_decomp_partition", fullgraph=True)  # inductor's partitioner
+    loss = compiled(pixel_values=pixels, labels=LABELS).loss
+    storages, stack, seen = {}, [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if "CompiledFunction" in type(node).__name__:
+            for t in node.saved_tensors:
+                if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        stack.extend(fn for fn, _ in node.next_functions)
+    return sum(storages.values())
+
+
+def test_compiled_graph_keeps_the_output_not_the_input(pixels):
+    """Under torch.compile the sites keep their output (shared with the next op) while every |scale| >= 1e-3; the
+    plain formulation (what a graph built for a small scale uses) keeps more."""
+    model = get_peft_model(tiny_vit(), SSFConfig(modules_to_save=["classifier"])).train()
+    layers = [m for m in model.modules() if hasattr(m, "ssf_keep_output")]
+    assert layers and all(layer.ssf_keep_output == {"default": True} for layer in layers)
+    kept = _compiled_saved_bytes(model, pixels)
+    for layer in layers:
+        layer.ssf_keep_output["default"] = False
+    plain = _compiled_saved_bytes(model, pixels)
+    fc1_output = pixels.shape[0] * 17 * 64 * 4  # one fc1 activation (17 tokens, 64 features, float32)
+    assert kept <= plain - fc1_output, (kept, plain)
+
+
+def test_compiled_graph_follows_an_optimizer_step_below_the_guard(pixels):
+    """An optimizer step that takes a scale below 1e-3 flips that site's answer, the graph is rebuilt for it, and the
+    compiled gradients stay equal to the naive op's."""
+    fused, naive = _pair({"target_modules": ["fc1", "fc2", "o_proj"]})
+    layer = fused.base_model.model.vit.layers[0].mlp.fc2
+    scale = layer.ssf_scale["default"]
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    g_compiled_before = _grads_through(compiled, fused, pixels)
+    assert layer.ssf_keep_output["default"] is True
+    opt = torch.optim.AdamW([scale], lr=1.0, weight_decay=0.0, fused=True)
+    with torch.no_grad():
+        scale[3] = 1.0 + 1e-6
+    layer.ssf_keep_output["default"] = True  # the write above went through no refresh: the step must do it
+    scale.grad = torch.zeros_like(scale)
+    scale.grad[3] = 1.0  # Adam's first step moves entry 3 by exactly lr: to 1e-6
+    opt.step()
+    assert abs(scale[3].item()) < 1e-5
+    assert layer.ssf_keep_output["default"] is False
+    assert g_compiled_before.keys() == set(_grads(naive, pixels))
+    naive.load_state_dict(fused.state_dict())
+    g_compiled, g_naive = _grads_through(compiled, fused, pixels), _grads(naive, pixels)
+    key = "base_model.model.vit.layers.0.mlp.fc2.ssf_scale.default"
+    assert g_naive[key][3].abs() > 0
+    for name, g in g_naive.items():
+        tol = 1e-5 * max(g.abs().max().item(), 1e-4)
+        assert (g_compiled[name] - g).abs().max().item() <= tol, name
+
+
+def test_a_scale_written_by_hand_under_compile_raises_until_refreshed(pixels):
+    import peft_ssf
+
+    fused, naive = _pair({"target_modules": ["fc2"]})
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    _grads(compiled, pixels)
+    with torch.no_grad():
+        fused.base_model.model.vit.layers[1].mlp.fc2.ssf_scale["default"][5] = 0.0
+    with pytest.raises(RuntimeError, match=r"below 0.001.*refresh_scale_guard"):
+        _grads(compiled, pixels)
+    peft_ssf.refresh_scale_guard(fused)
+    naive.load_state_dict(fused.state_dict())
+    g_compiled, g_naive = _grads_through(compiled, fused, pixels), _grads(naive, pixels)
+    key = "base_model.model.vit.layers.1.mlp.fc2.ssf_scale.default"
+    assert g_naive[key][5] != 0
+    torch.testing.assert_close(g_compiled[key], g_naive[key], rtol=1e-5, atol=1e-7)
+
+
+def test_loaded_small_scales_refresh_the_compiled_answer(tmp_path):
+    model = get_peft_model(tiny_vit(), SSFConfig(target_modules=["fc2"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        model.base_model.model.vit.layers[0].mlp.fc2.ssf_scale["default"][0] = 1e-5
+    model.save_pretrained(tmp_path)
+    for low_cpu_mem_usage in (False, True):
+        loaded = PeftModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=True,
+                                           low_cpu_mem_usage=low_cpu_mem_usage)
+        layers = [loaded.base_model.model.vit.layers[i].mlp.fc2 for i in (0, 1)]
+        assert [layer.ssf_keep_output["default"] for layer in layers] == [False, True], low_cpu_mem_usage
+
+
+def test_an_optimizer_without_ssf_scales_does_not_check_them(monkeypatch):
+    from peft_ssf import guard
+
+    model = get_peft_model(tiny_vit(), SSFConfig(modules_to_save=["classifier"]))
+    calls = []
+    monkeypatch.setattr(guard, "refresh_sites", lambda sites: calls.append(list(sites)))
+    head = [p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad]
+    for p in head:
+        p.grad = torch.zeros_like(p)
+    torch.optim.SGD(head, lr=0.1).step()
+    assert calls == []
+    scales = [p for n, p in model.named_parameters() if "ssf_scale" in n]
+    for p in scales:
+        p.grad = torch.zeros_like(p)
+    torch.optim.SGD(scales, lr=0.1).step()
+    assert len(calls) == 1 and len(calls[0]) == len(scales)
 
 
 # ----- double backward -------------------------------------------------------------------------------------------
