@@ -275,6 +275,7 @@ class SSFModel(BaseTuner):
                 if mode.tracked:
                     self._residual_sites = (key, found)
             self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
+            self.residual_rebuilds = mode.rebuilt  # norms that rebuilt their input (half-precision streams)
 
     # ----- mixed-batch inference --------------------------------------------------------------------------------
     @contextmanager

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .guard import RECONSTRUCT_MIN_SCALE, scales_reconstructible
-from .residual import KeptOutput, ResidualPairing
+from .residual import KeptOutput, RebuiltInput, ResidualPairing
 
 __all__ = ["RECONSTRUCT_MIN_SCALE", "scale_shift_fused", "scale_shift_naive"]
 
@@ -318,7 +318,7 @@ class _FoldedLayerNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, normalized_shape, eps):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, scale, shift, normalized_shape, eps, rebuild):  # type: ignore[override]
         s = scale.to(weight.dtype)
         w = weight * s
         b = None
@@ -327,14 +327,16 @@ class _FoldedLayerNorm(torch.autograd.Function):
         elif shift is not None:
             b = shift.to(weight.dtype)
         y, mean, rstd = torch.native_layer_norm(x, normalized_shape, w, b, eps)
-        ctx.normalized_shape, ctx.has_shift = normalized_shape, shift is not None
-        ctx.save_for_backward(x, mean, rstd, w, b, weight, bias, scale)
+        ctx.normalized_shape, ctx.has_shift, ctx.rebuild = normalized_shape, shift is not None, rebuild
+        ctx.save_for_backward(None if rebuild is not None else x, mean, rstd, w, b, weight, bias, scale)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         _refuse_higher_order()
         x, mean, rstd, w, b, weight, bias, scale = ctx.saved_tensors
+        if ctx.rebuild is not None:
+            x = ctx.rebuild.input()
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.native_layer_norm_backward(
@@ -352,11 +354,20 @@ class _FoldedLayerNorm(torch.autograd.Function):
                 gw = (g32 * xhat).sum(dims)
                 grad = gw * weight.float() + (gb * bias.float() if bias is not None else 0.0)
                 grad_scale = grad.to(scale.dtype)
-        return grad_x, None, None, grad_scale, grad_shift, None, None
+        return grad_x, None, None, grad_scale, grad_shift, None, None, None
 
 
 def folded_layer_norm(
-    x: torch.Tensor, norm: torch.nn.LayerNorm, scale: torch.Tensor, shift: Optional[torch.Tensor]
+    x: torch.Tensor,
+    norm: torch.nn.LayerNorm,
+    scale: torch.Tensor,
+    shift: Optional[torch.Tensor],
+    rebuild: Optional[RebuiltInput] = None,
 ) -> torch.Tensor:
-    """SSF folded into a frozen half-precision ``nn.LayerNorm`` with float32-accurate parameter gradients."""
-    return _FoldedLayerNorm.apply(x, norm.weight, norm.bias, scale, shift, tuple(norm.normalized_shape), norm.eps)
+    """SSF folded into a frozen ``nn.LayerNorm`` on half-precision input, with float32-accurate parameter gradients.
+
+    With ``rebuild`` (a half-precision residual stream, see ``residual.RebuiltInput``) the input is not kept but
+    rebuilt in backward from the residual add's operands, which other ops keep anyway."""
+    return _FoldedLayerNorm.apply(
+        x, norm.weight, norm.bias, scale, shift, tuple(norm.normalized_shape), norm.eps, rebuild
+    )

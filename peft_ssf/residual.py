@@ -12,7 +12,13 @@ grad enabled, ``SSFConfig(fused=True, pair_residuals=True)``, the defaults). It 
 through value-preserving reshuffles (view / reshape / flatten / permute / transpose / contiguous / roll: Swin's
 window reverse and cyclic shift) to an add with a tensor of the same shape and float32 / float64 result, then
 tells the op's record to keep ``(r, z)`` instead of ``y``. Anything else (dropout with ``p > 0``, slicing, a
-layer-scale multiply, a bf16 residual stream, an in-place add) leaves the site as it was: it keeps ``y``.
+layer-scale multiply, an in-place add) leaves the site as it was: it keeps ``y``.
+
+A half-precision residual stream (a bf16 / fp16 model; Swin under CPU autocast) is the other way round: its rounding
+is large against a branch output, so ``z - r`` cannot stand in for ``y``, and the site keeps ``y``. Then the *norm*
+after the add need not keep ``z``: ``r`` and ``y`` are kept, and replaying the add (``RebuiltInput``) gives ``z`` bit
+for bit. A norm whose ``r`` is itself rebuilt replays the chain of adds back to a norm that keeps its input; every
+``MAX_REBUILD_DEPTH`` adds one does, which bounds the replays in backward.
 
 Precision: ``z - r`` equals ``y`` up to float32 rounding of the residual stream, i.e. a relative error of about
 ``1e-7 * |r| / |y|`` per element; the parameter gradients are sums over all tokens and agree with the unpaired op
@@ -39,6 +45,9 @@ LAYER_SCALE_MIN = 1e-2
 _MULTIPLIER_OK: dict[tuple[int, int, int], bool] = {}
 _SHUFFLE_NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "contiguous", "permute", "transpose", "roll"})
 _PAIRABLE_DTYPES = (torch.float32, torch.float64)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+#: longest chain of residual adds a norm replays to rebuild its input (every this many adds, a norm keeps its input)
+MAX_REBUILD_DEPTH = 8
 
 _LOCAL = threading.local()
 
@@ -85,6 +94,46 @@ class KeptOutput:
         return d if dtype is None else d.to(dtype)
 
 
+class RebuiltInput:
+    """How a norm site gets its input ``z = r + P(y)`` back in backward instead of keeping it.
+
+    For a half-precision residual stream (a bf16 / fp16 model, or Swin under CPU autocast), ``z - r`` cannot stand in
+    for ``y``: the stream's rounding is large against a branch output. The opposite direction is exact: ``y`` is kept
+    by its SSF site, ``r`` by the norm before the add, and replaying the add (and the reshuffles ``P`` between the
+    site and the add: Swin's window reverse and roll) in the same dtype gives ``z`` bit for bit, because an
+    elementwise add has one correctly rounded result whatever the layout. So the norm after the add keeps nothing of
+    its own.
+    """
+
+    __slots__ = ("r", "record", "forwards", "version", "depth")
+
+    def __init__(self, r: torch.Tensor | RebuiltInput, record: KeptOutput, forwards: tuple) -> None:
+        # ``r`` itself may be rebuilt (a chain of adds back to a kept anchor, at most MAX_REBUILD_DEPTH long)
+        self.r = r if isinstance(r, RebuiltInput) else r.detach()
+        self.record = record
+        self.forwards = forwards
+        self.version = None if isinstance(r, RebuiltInput) else r._version
+        self.depth = r.depth + 1 if isinstance(r, RebuiltInput) else 1
+
+    def input(self) -> torch.Tensor:
+        """``z``, rebuilt; raises if the residual stream or the site's output was modified in place."""
+        y = self.record.output()
+        for forward in self.forwards:
+            y = forward(y)
+        if isinstance(self.r, RebuiltInput):
+            return self.r.input().add_(y)  # a fresh tensor of ours: one allocation for the whole chain
+        if self.r._version != self.version:
+            raise RuntimeError(
+                "SSF: the residual stream added to an SSF site's output was modified in place after the forward "
+                "pass. Set SSFConfig(pair_residuals=False) for models that update their residual stream in place."
+            )
+        return self.r + y
+
+
+def _replay(func: Any, rest: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda d: func(d, *rest, **kwargs)
+
+
 def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Optional[Callable]:
     """Inverse of a value-preserving reshuffle applied to ``src`` (or None when it is not one we can undo)."""
     name = getattr(func, "__name__", "")
@@ -123,8 +172,15 @@ class ResidualPairing(TorchFunctionMode):
     def __init__(self, sites: Optional[frozenset[int]] = None) -> None:
         super().__init__()
         self.sites = sites
-        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int]] = {}
+        # id(tensor) -> (weakref, the site's record, inverses back to y, site id, replays from y or None)
+        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int, Optional[tuple]]] = {}
         self.paired = 0
+        self.rebuilt = 0  # norm sites that rebuild their input (half-precision streams) in this forward
+        # half-precision adds fed by a tracked site: id(z) -> (weakref z, z's version, how to rebuild z); and the
+        # norm inputs kept by their norm
+        self.rebuilds: dict[int, tuple[weakref.ref, int, RebuiltInput]] = {}
+        self.kept_inputs: dict[int, tuple[weakref.ref]] = {}
+        self.rebuilt_inputs: dict[int, tuple[weakref.ref, RebuiltInput]] = {}  # norm inputs rebuilt in backward
         self.entered = False  # scoped mode: currently on the torch-function mode stack
         self.tracked = 0  # site outputs followed in this forward
         # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z. r and z are
@@ -138,16 +194,37 @@ class ResidualPairing(TorchFunctionMode):
 
     def track(self, y: torch.Tensor, record: KeptOutput, layer: object = None) -> None:
         """Follow ``y`` (an SSF output whose op keeps ``record``) until it meets a residual add."""
-        self.pending[id(y)] = (weakref.ref(y), record, (), id(layer))
+        self.pending[id(y)] = (weakref.ref(y), record, (), id(layer), ())
         self.tracked += 1
         if self.sites is not None and not self.entered:
             self.__enter__()
             self.entered = True
 
-    def norm_input(self, x: torch.Tensor) -> None:
-        """A norm site (which keeps its input for backward) received ``x``: pairing with it costs nothing."""
+    def norm_input(self, x: torch.Tensor, can_rebuild: bool = False) -> Optional[RebuiltInput]:
+        """A norm site received ``x``. Returns how to rebuild ``x`` in backward when it may (``can_rebuild``: the site
+        can run without keeping its input) and should: ``x`` is a half-precision ``r + P(y)`` of a tracked site and
+        ``r`` is kept by a norm that keeps its input. Otherwise the norm keeps ``x``, and pairing with it is free."""
         if self.sites is None:
             self.norm_inputs[id(x)] = weakref.ref(x)
+        known = self.rebuilds.pop(id(x), None) if can_rebuild else None
+        if known is not None and known[0]() is x and x._version == known[1]:  # not changed in place since the add
+            recipe = known[2]
+            self.rebuilt += 1
+            self.rebuilt_inputs[id(x)] = (weakref.ref(x), recipe)
+            return recipe
+        self.kept_inputs[id(x)] = (weakref.ref(x),)
+        return None
+
+    def _anchor_of(self, r: torch.Tensor) -> Optional[torch.Tensor | RebuiltInput]:
+        """What a norm rebuilding ``z = r + P(y)`` starts from: ``r`` if a norm keeps it, ``r``'s own recipe if a
+        norm rebuilds it and the chain stays within ``MAX_REBUILD_DEPTH``, else None (the norm keeps ``z``)."""
+        entry = self.kept_inputs.get(id(r))
+        if entry is not None and entry[0]() is r:
+            return r
+        entry = self.rebuilt_inputs.get(id(r))
+        if entry is not None and entry[0]() is r and entry[1].depth < MAX_REBUILD_DEPTH:
+            return entry[1]
+        return None
 
     def _kept_by_a_norm(self, t: torch.Tensor) -> bool:
         known = self.norm_inputs.get(id(t))
@@ -181,7 +258,7 @@ class ResidualPairing(TorchFunctionMode):
             self.__exit__(None, None, None)
             self.entered = False
 
-    def _entry(self, t: Any) -> Optional[tuple[weakref.ref, KeptOutput, tuple]]:
+    def _entry(self, t: Any) -> Optional[tuple[weakref.ref, KeptOutput, tuple, int, Optional[tuple]]]:
         entry = self.pending.get(id(t)) if isinstance(t, torch.Tensor) else None
         return entry if entry is not None and entry[0]() is t else None
 
@@ -192,28 +269,40 @@ class ResidualPairing(TorchFunctionMode):
             return out
         name = getattr(func, "__name__", "")
         if name in _ADD_NAMES:
-            if len(args) == 2 and not kwargs and out.dtype in _PAIRABLE_DTYPES:
+            if len(args) == 2 and not kwargs:
                 for y, r in ((args[0], args[1]), (args[1], args[0])):
                     entry = self._entry(y)
-                    if entry is not None and isinstance(r, torch.Tensor) and r.shape == y.shape == out.shape:
+                    if entry is None or not isinstance(r, torch.Tensor) or not r.shape == y.shape == out.shape:
+                        continue
+                    if out.dtype in _PAIRABLE_DTYPES:
                         entry[1].pair_with(r, out, entry[2])
-                        del self.pending[id(y)]
                         self.paired += 1
-                        if self.sites is None:
-                            self.candidates.append((entry[3], r, out))
+                    elif out.dtype in _HALF_DTYPES and r.dtype == y.dtype == out.dtype and entry[4] is not None:
+                        # the site keeps y; the norm after the add may rebuild z instead of keeping it
+                        # r must be resolved now: a rebuilt r is kept by nobody and dies after this add
+                        base = self._anchor_of(r)
+                        if base is not None:
+                            recipe = RebuiltInput(base, entry[1], entry[4])
+                            self.rebuilds[id(out)] = (weakref.ref(out), out._version, recipe)
+                    else:
                         break
+                    del self.pending[id(y)]
+                    if self.sites is None:
+                        self.candidates.append((entry[3], r, out))
+                    break
         elif name in _SHUFFLE_NAMES and out is not args[0]:
             entry = self._entry(args[0])
             if entry is not None:
                 inverse = _inverse_of(func, args, kwargs, args[0])
                 if inverse is not None:
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+                    replays = None if entry[4] is None else entry[4] + (_replay(func, args[1:], kwargs),)
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3], replays)
         elif name in _MUL_NAMES and len(args) == 2 and not kwargs:
             for y, m in ((args[0], args[1]), (args[1], args[0])):
                 entry = self._entry(y)
                 if entry is not None and out.shape == y.shape and _frozen_multiplier(m, y):
-                    inverse = _divide_by(m)
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3])
+                    inverse = _divide_by(m)  # (not replayed: a half-precision stream is never rebuilt through it)
+                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3], None)
                     break
         return out
 
@@ -318,3 +407,6 @@ def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]
         _LOCAL.mode = None
         mode.leave()
         mode.pending.clear()
+        mode.rebuilds.clear()
+        mode.kept_inputs.clear()
+        mode.rebuilt_inputs.clear()

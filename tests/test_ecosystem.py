@@ -490,3 +490,26 @@ def test_half_precision_layernorm_parameter_gradients_are_float32_accurate():
     for got, want in ((scale.grad, s64.grad), (shift.grad, t64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < 5e-3
     assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 2e-2
+
+
+def test_layernorm_parameter_gradients_under_cpu_autocast_are_float32_accurate():
+    """CPU autocast hands a bf16 stream to layer_norm unchanged (Swin, ConvNeXt), and the CPU kernel accumulates the
+    parameter gradients in bf16: far off over a Swin-B stage's 25,000 tokens. SSF's norm sites sum them in float32."""
+    torch.manual_seed(0)
+    base = nn.LayerNorm(16).requires_grad_(False)  # frozen, as PEFT leaves it
+    with torch.no_grad():
+        base.weight.normal_(1, 0.2)
+        base.bias.normal_(0, 0.2)
+    layer = wrapper_for(base)(base, "default", init_weights=False).train()
+    x = (3 + torch.randn(8, 3136, 16)).bfloat16()
+    g = 1e-3 * torch.randn(8, 3136, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    (out.float() * g).sum().backward()
+    scale, shift = layer.ssf_scale["default"], layer.ssf_shift["default"]
+    s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()
+    h = torch.nn.functional.layer_norm(x.double(), (16,), base.weight.double(), base.bias.double(), base.eps)
+    ((h * s64 + t64) * g.double()).sum().backward()
+    for got, want in ((scale.grad, s64.grad), (shift.grad, t64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < 1e-2

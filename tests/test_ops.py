@@ -305,3 +305,139 @@ def test_discovery_is_not_spoiled_by_saved_tensor_hooks(first_forward, pixels):
         assert model.base_model.residual_pairs == 4
     model(pixel_values=pixels, labels=labels).loss.backward()
     assert model.base_model.residual_pairs == 4  # attention output and fc2 of both blocks
+
+
+# ----- half-precision residual streams: norms rebuild their input --------------------------------------------------
+def _bf16_model(family: str, pair: bool, autocast: bool = False) -> torch.nn.Module:
+    """A bf16 model, or (``autocast``) a float32 one that runs under CPU bf16 autocast."""
+    model = get_peft_model(FAMILIES[family](), SSFConfig(init_weights=False, pair_residuals=pair,
+                                                         modules_to_save=["classifier"]))
+    model = (model if autocast else model.to(torch.bfloat16)).train()
+    model.runs_under_autocast = autocast
+    for module in model.modules():  # deterministic forwards
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "drop_prob"):
+            module.drop_prob = 0.0
+    return model
+
+
+def _saved_bytes_and_grads(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, dict[str, torch.Tensor]]:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, torch.nn.Parameter):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def hold(t: torch.Tensor) -> None:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    model.zero_grad(set_to_none=True)
+    autocast = model.runs_under_autocast
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), residual.hooks_only_observe(), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        x = pixels if autocast else pixels.bfloat16()
+        loss = model(pixel_values=x, labels=torch.tensor([0, 1, 2, 3])).loss
+    # what SSF's nodes hold outside save_for_backward: kept outputs (or paired operands), rebuild anchors
+    stack, seen = [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        kept = getattr(node, "kept", None)
+        for t in ([] if kept is None else [kept.y] if kept.pair is None else list(kept.pair)):
+            hold(t)
+        recipe = getattr(node, "rebuild", None)
+        while recipe is not None:
+            hold(recipe.record.output())
+            recipe = recipe.r if isinstance(recipe.r, residual.RebuiltInput) else hold(recipe.r)
+        stack.extend(fn for fn, _ in node.next_functions)
+    loss.backward()
+    return sum(storages.values()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family,autocast,expected", [("vit", False, 4), ("swin", False, 7), ("swin", True, 7)])
+def test_half_precision_stream_norms_rebuild_their_input_bit_for_bit(family, autocast, expected, pixels):
+    """In a bf16 model (and in Swin under CPU autocast, whose stream stays bf16) ``z - r`` cannot stand in for a
+    branch output, so the norm after each residual add rebuilds its input ``z = r + y`` in backward instead of
+    keeping it: the same gradients bit for bit, one stream tensor less per rebuilding norm (Swin: through the window
+    reverse and roll). Swin's discovery pairs 3 norms per stage: the downsampling norm sees a concatenation."""
+    unpaired = _bf16_model(family, pair=False, autocast=autocast)
+    paired = _bf16_model(family, pair=True, autocast=autocast)
+    paired.load_state_dict(unpaired.state_dict())
+    saved_off, grads_off = _saved_bytes_and_grads(unpaired, pixels)
+    for forward in range(3):  # the discovery forward, then scoped forwards
+        saved_on, grads_on = _saved_bytes_and_grads(paired, pixels)
+        assert paired.base_model.residual_rebuilds == expected, forward
+        assert paired.base_model.residual_pairs == 0
+        assert grads_on.keys() == grads_off.keys()
+        for name, g in grads_off.items():
+            assert torch.equal(grads_on[name], g), (forward, name)
+    if family == "vit":  # every stream tensor has the same size: exactly one per rebuilding norm
+        assert saved_off - saved_on == expected * pixels.shape[0] * 17 * 32 * 2, (saved_off, saved_on)
+    else:  # Swin's stages differ in size: at least one first-stage stream tensor per rebuilding norm of that stage
+        assert saved_off - saved_on >= 3 * pixels.shape[0] * 64 * 16 * 2, (saved_off, saved_on)
+
+
+def test_rebuild_chains_are_anchored(pixels, monkeypatch):
+    """Every MAX_REBUILD_DEPTH adds a norm keeps its input, so backward replays at most that many adds."""
+    monkeypatch.setattr(residual, "MAX_REBUILD_DEPTH", 2)
+    unpaired, paired = _bf16_model("vit", pair=False), _bf16_model("vit", pair=True)
+    paired.load_state_dict(unpaired.state_dict())
+    _, grads_off = _saved_bytes_and_grads(unpaired, pixels)
+    _, grads_on = _saved_bytes_and_grads(paired, pixels)
+    # norms: block 0 before (keeps), after (depth 1), block 1 before (depth 2), after (keeps), final (depth 1)
+    assert paired.base_model.residual_rebuilds == 3
+    for name, g in grads_off.items():
+        assert torch.equal(grads_on[name], g), name
+
+
+def _bf16_site(mode: residual.ResidualPairing, shape: tuple = (2, 6, 4)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(*shape, generator=g).bfloat16().requires_grad_()
+    s = (1 + 0.1 * torch.randn(shape[-1], generator=g)).bfloat16().requires_grad_()
+    t = (0.1 * torch.randn(shape[-1], generator=g)).bfloat16().requires_grad_()
+    return scale_shift_fused(h, s, t, mode=mode)
+
+
+def test_rebuilt_input_replays_the_reshuffles_exactly():
+    r = (10 * torch.randn(2, 6, 4)).bfloat16()  # a stream much larger than the branch: z - r would not give y
+    with residual.pairing() as mode:
+        assert mode.norm_input(r, True) is None  # kept by its norm: an anchor
+        y = _bf16_site(mode)
+        y = y.view(2, 3, 2, 4).permute(0, 2, 1, 3).contiguous().view(2, 6, 4)
+        y = torch.roll(y, shifts=(1,), dims=(1,))
+        z = r + y
+        recipe = mode.norm_input(z, True)
+        assert recipe is not None and mode.rebuilt == 1
+        assert torch.equal(recipe.input(), z)
+        assert not torch.equal((z.float() - r.float()).bfloat16(), y)  # what pairing would have rebuilt
+
+
+def test_a_norm_input_changed_in_place_after_the_add_is_kept():
+    r = torch.randn(2, 6, 4).bfloat16()
+    with residual.pairing() as mode:
+        mode.norm_input(r, True)
+        z = r + _bf16_site(mode)
+        with torch.no_grad():
+            z.add_(1.0)
+        assert mode.norm_input(z, True) is None
+
+
+def test_in_place_change_of_a_rebuild_anchor_is_an_error_not_a_wrong_gradient():
+    from peft_ssf.ops import folded_layer_norm
+
+    norm = torch.nn.LayerNorm(4).requires_grad_(False).to(torch.bfloat16)
+    scale, shift = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    r = torch.randn(2, 6, 4).bfloat16()
+    with residual.pairing() as mode:
+        mode.norm_input(r, True)
+        z = r + _bf16_site(mode)
+        recipe = mode.norm_input(z, True)
+        out = folded_layer_norm(z, norm, scale, shift, recipe)
+    with torch.no_grad():
+        r.mul_(2.0)
+    with pytest.raises(RuntimeError, match="pair_residuals=False"):
+        out.float().sum().backward()
