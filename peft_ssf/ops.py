@@ -197,8 +197,9 @@ class _FoldedScaleShift(torch.autograd.Function):
         dtype = weight.dtype
         scale_w = scale if scale.dtype == dtype else scale.to(dtype)
         low = _low_precision(x.device.type)
-        if low is not None and dtype != low:  # fold and cast in one pass, as autocast would cast the weight
-            w = torch.mul(weight, scale_w.view(site.weight_shape), out=torch.empty_like(weight, dtype=low))
+        if low is not None and dtype != low:  # fold, then cast as autocast would cast the weight
+            # (bit-identical to a mixed-dtype ``torch.mul(..., out=<bf16>)``, which takes 3x longer on the CPU)
+            w = (weight * scale_w.view(site.weight_shape)).to(low)
         else:
             w = weight * scale_w.view(site.weight_shape)
         b = None
