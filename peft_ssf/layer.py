@@ -27,7 +27,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
-from .guard import assert_compiled_scales, refresh_sites, site_may_keep_output
+from .guard import _is_dtensor, assert_compiled_scales, refresh_sites, site_may_keep_output
 from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
@@ -317,7 +317,7 @@ def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
     formulation, always exact) until the next optimizer step or eager training forward checks them on all ranks."""
     local = []
     for name, scale in module.ssf_scale.items():
-        if type(scale.data).__name__ == "DTensor":
+        if _is_dtensor(scale.data):
             module.ssf_keep_output[name] = False
         else:
             local.append((module, name, scale))

@@ -16,16 +16,11 @@ from peft_ssf.ops import RECONSTRUCT_MIN_SCALE, scale_shift_fused, scale_shift_n
 LABELS = torch.tensor([0, 1, 2, 3])
 
 
-def _grads(model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+def _grads(model: nn.Module, pixels: torch.Tensor, run: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Parameter gradients of ``model`` after one loss backward; ``run`` (e.g. a ``torch.compile`` of ``model``)
+    does the forward when given."""
     model.zero_grad(set_to_none=True)
-    model(pixel_values=pixels, labels=LABELS).loss.backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _grads_through(compiled: nn.Module, model: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``_grads`` with the forward run by ``compiled`` (a ``torch.compile`` of ``model``), named as in ``model``."""
-    model.zero_grad(set_to_none=True)
-    compiled(pixel_values=pixels, labels=LABELS).loss.backward()
+    (model if run is None else run)(pixel_values=pixels, labels=LABELS).loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -177,7 +172,7 @@ def test_compiled_graph_follows_an_optimizer_step_below_the_guard(pixels):
     scale = layer.ssf_scale["default"]
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
     torch._dynamo.reset()
-    g_compiled_before = _grads_through(compiled, fused, pixels)
+    g_compiled_before = _grads(fused, pixels, run=compiled)
     assert layer.ssf_keep_output["default"] is True
     opt = torch.optim.AdamW([scale], lr=1.0, weight_decay=0.0, fused=True)
     with torch.no_grad():
@@ -190,7 +185,7 @@ def test_compiled_graph_follows_an_optimizer_step_below_the_guard(pixels):
     assert layer.ssf_keep_output["default"] is False
     assert g_compiled_before.keys() == set(_grads(naive, pixels))
     naive.load_state_dict(fused.state_dict())
-    g_compiled, g_naive = _grads_through(compiled, fused, pixels), _grads(naive, pixels)
+    g_compiled, g_naive = _grads(fused, pixels, run=compiled), _grads(naive, pixels)
     key = "base_model.model.vit.layers.0.mlp.fc2.ssf_scale.default"
     assert g_naive[key][3].abs() > 0
     for name, g in g_naive.items():
@@ -211,7 +206,7 @@ def test_a_scale_written_by_hand_under_compile_raises_until_refreshed(pixels):
         _grads(compiled, pixels)
     peft_ssf.refresh_scale_guard(fused)
     naive.load_state_dict(fused.state_dict())
-    g_compiled, g_naive = _grads_through(compiled, fused, pixels), _grads(naive, pixels)
+    g_compiled, g_naive = _grads(fused, pixels, run=compiled), _grads(naive, pixels)
     key = "base_model.model.vit.layers.1.mlp.fc2.ssf_scale.default"
     assert g_naive[key][5] != 0
     torch.testing.assert_close(g_compiled[key], g_naive[key], rtol=1e-5, atol=1e-7)
