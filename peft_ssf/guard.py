@@ -16,8 +16,9 @@ A compiled graph cannot make that decision (a host sync inside it is a graph bre
 layer reads a plain Python answer instead, ``layer.ssf_keep_output[adapter]``, which Dynamo guards on: the graph is
 built for the answer it saw and rebuilt when the answer changes. The answers are refreshed outside compiled code:
 when an adapter is created or loaded (``load_state_dict``), by every eager training forward's check, and after every
-optimizer step that updates SSF scales (a global ``register_optimizer_step_post_hook``, one sync per step, the same
-check as above). A scale written by hand between those points is caught inside the graph
+optimizer step that updates the scales of a layer some graph was compiled for (an optimizer post-step hook registered
+the first time Dynamo traces an SSF layer, so eager-only processes never have it; one sync per step for all layers).
+A scale written by hand between those points is caught inside the graph
 (``assert_compiled_scales``): the forward raises an error naming ``refresh_scale_guard`` instead of returning wrong
 gradients.
 """
@@ -94,15 +95,6 @@ def scales_reconstructible(params: list[torch.Tensor]) -> list[bool]:
     return [bool(_checked_min([p]) >= RECONSTRUCT_MIN_SCALE) for p in params]
 
 
-class _Flags:
-    """Answers of one training forward: ``{(id(layer), adapter): may_keep_output}``."""
-
-    __slots__ = ("flags",)
-
-    def __init__(self, flags: dict[tuple[int, str], bool]) -> None:
-        self.flags = flags
-
-
 def _record(sites: list[tuple[object, str, torch.Tensor]], answers: list[bool]) -> None:
     """Store each site's answer where compiled code reads it (``layer.ssf_keep_output``)."""
     for (layer, adapter, _), ok in zip(sites, answers):
@@ -120,7 +112,7 @@ def scale_guard(sites: Iterable[tuple[object, str, torch.Tensor]]) -> Iterator[N
     sites = list(sites)
     answers = scales_reconstructible([scale for _, _, scale in sites])
     _record(sites, answers)
-    _LOCAL.flags = _Flags({(id(layer), adapter): ok for (layer, adapter, _), ok in zip(sites, answers)})
+    _LOCAL.flags = {(layer, adapter): ok for (layer, adapter, _), ok in zip(sites, answers)}
     try:
         yield
     finally:
@@ -129,9 +121,9 @@ def scale_guard(sites: Iterable[tuple[object, str, torch.Tensor]]) -> Iterator[N
 
 def site_may_keep_output(layer: object, adapter: str, scale: torch.Tensor) -> bool:
     """Whether the fused op at this site may keep its output: the forward's answer, else a check of its own."""
-    current: Optional[_Flags] = getattr(_LOCAL, "flags", None)
+    current: Optional[dict[tuple[object, str], bool]] = getattr(_LOCAL, "flags", None)
     if current is not None:
-        answer = current.flags.get((id(layer), adapter))
+        answer = current.get((layer, adapter))
         if answer is not None:
             return answer
     return scales_reconstructible([scale])[0]
@@ -169,24 +161,32 @@ def assert_compiled_scales(scale: torch.Tensor, layer: object, adapter: str) -> 
     )
 
 
-#: SSF tuners whose answers an optimizer step refreshes (weak: a deleted model drops out)
-_TUNERS: weakref.WeakSet[object] = weakref.WeakSet()
+#: SSF layers that a compiled graph was built for: an optimizer step that updates their scales refreshes their answers
+_COMPILED: weakref.WeakSet[object] = weakref.WeakSet()
 _HOOK: list[object] = []
 
 
-def track(tuner: object) -> None:
-    """Refresh ``tuner``'s answers after every optimizer step that updates one of its scales (``tuner`` has
-    ``_fused_sites()``). Registers the global optimizer post-step hook once per process."""
-    _TUNERS.add(tuner)
+@torch._dynamo.assume_constant_result
+def note_compiled(layer: object) -> bool:
+    """Called while Dynamo traces a fused SSF layer (the call runs once per trace, in Python, and leaves nothing in
+    the graph): from then on optimizer steps refresh ``layer``'s answer. The optimizer post-step hook is registered
+    on the first such call, so eager-only processes never have it."""
+    _COMPILED.add(layer)
     if not _HOOK:
         _HOOK.append(register_optimizer_step_post_hook(_after_optimizer_step))
+    return True
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    if not _TUNERS:
+    """Refresh the answers of compiled layers whose scales this step updated (one host sync for all of them)."""
+    if not _COMPILED:
         return
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for tuner in list(_TUNERS):
-        sites = tuner._fused_sites()
-        if any(id(scale) in stepped for _, _, scale in sites):
-            refresh_sites(sites)
+    stepped = {p for group in optimizer.param_groups for p in group["params"]}
+    sites = [
+        (layer, adapter, scale)
+        for layer in list(_COMPILED)
+        for adapter, scale in layer.ssf_scale.items()
+        if scale in stepped
+    ]
+    if sites:
+        refresh_sites(sites)

@@ -27,7 +27,7 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
-from .guard import _is_dtensor, assert_compiled_scales, refresh_sites, site_may_keep_output
+from .guard import _is_dtensor, assert_compiled_scales, note_compiled, refresh_sites, site_may_keep_output
 from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
@@ -91,6 +91,7 @@ class SSFLayer(BaseTunerLayer):
             # no host sync in a graph: read the last check's answer (Dynamo guards on it and rebuilds the graph when
             # it changes; guard.py keeps it current) and verify it inside the graph
             if self.ssf_keep_output.get(adapter, False):
+                note_compiled(self)  # from now on optimizer steps refresh this layer's answer
                 assert_compiled_scales(self.ssf_scale[adapter], self, adapter)
                 return scale_shift_fused(out, scale, shift, from_output=True)
             return scale_shift_naive(out, scale, shift)
@@ -173,9 +174,6 @@ class SSFLayer(BaseTunerLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
-        mode = residual.active()
-        if mode is not None:
-            mode.site_starts()
         if self._disable_adapters:
             if self.merged_adapters:
                 self.unmerge()
@@ -405,7 +403,8 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
             shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
             return folded_scale_shift(x, site, scale, shift, mode=self._pairing_mode(), owner=self)
         run = _DIRECT_OPS.get(type(base))
-        if run is None or not self._fold_is_cheaper(base, x):
+        if run is None or "_hf_hook" in base.__dict__ or not self._fold_is_cheaper(base, x):
+            # (an accelerate hook must run the op: it moves the weights to the input's device first)
             return super()._fused_forward(x, adapter, *args, **kwargs)
         # inference: scale the (smaller) weight instead of the output; same result up to rounding
         params = self._merged_params(*self._adapter_tensors(adapter, self._compute_dtype()))
@@ -532,8 +531,10 @@ def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
     by ``ops.folded_layer_norm``. The CPU LayerNorm backward accumulates them in half precision: about 2% off over a
     few hundred tokens, and up to a third off over the 25,000 tokens of a Swin-B stage at batch 8 (measured against
     float64). CUDA autocast runs ``layer_norm`` in float32 and is left to it."""
-    weight = base.weight
+    weight, bias = base.weight, getattr(base, "bias", None)
     if weight is None or weight.requires_grad or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if bias is not None and bias.requires_grad:  # a trainable bias (BitFit-style) needs the norm's own gradient
         return False
     if torch.compiler.is_compiling():
         return False

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import guard, residual
 from .config import SSFConfig
+from .guard import _is_dtensor
 from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
 from .presets import _examples, resolve_preset, supported_module_names
 
@@ -133,7 +134,6 @@ class SSFModel(BaseTuner):
         registry = self.__dict__.setdefault("_ssf_registry", [])
         if not any(known is layer for known in registry):
             registry.append(layer)
-        guard.track(self)  # optimizer steps refresh the answers compiled graphs read
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
@@ -264,16 +264,16 @@ class SSFModel(BaseTuner):
                 yield
                 return
             # which sites feed a residual add is found once (a forward watched whole), then only they are watched
-            key = tuple(id(layer) for layer, _, _ in sites)
+            key = tuple(layer for layer, _, _ in sites)
             known = self._residual_sites[1] if getattr(self, "_residual_sites", (None,))[0] == key else None
             with residual.pairing(known) as mode:
                 yield
-            if known is None:
-                found = mode.take_paired_sites()
-                # a forward that followed no site (saved-tensor hooks active: checkpointing, offloading) finds nothing
-                # about the model: look again in the next one
-                if mode.tracked:
-                    self._residual_sites = (key, found)
+                if known is None:
+                    found = mode.take_paired_sites()  # (before the mode's marks are cleared on leaving)
+                    # a forward that followed no site (saved-tensor hooks active: checkpointing, offloading) finds
+                    # nothing about the model: look again in the next one
+                    if mode.tracked:
+                        self._residual_sites = (key, found)
             self.residual_pairs = mode.paired  # sites paired in the last training forward (for inspection)
             self.residual_rebuilds = mode.rebuilt  # norms that rebuilt their input (half-precision streams)
 
@@ -348,6 +348,11 @@ def unsupported_storage(module: nn.Module) -> Optional[str]:
     if isinstance(weight, torch.Tensor):
         if not (weight.dtype.is_floating_point or weight.dtype.is_complex):
             return f"its weight is stored as {weight.dtype} (quantized)"
+        kind = type(weight.data)
+        if kind is not torch.Tensor and not _is_dtensor(weight.data) and kind.__module__.split(".")[0] != "torch":
+            # a tensor subclass (torchao's AffineQuantizedTensor, ...): SSF's fold multiplies the weight, which such
+            # storage does not support
+            return f"its weight is a {kind.__module__}.{kind.__qualname__} tensor subclass (quantized storage)"
         if type(weight).__module__.split(".")[0] == "bitsandbytes":
             return f"its weight is a quantized {type(weight).__name__}"
     if any(getattr(h, "offload", False) for h in _hooks_of(module)):

@@ -17,12 +17,12 @@ Two formulations with identical gradients:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .guard import RECONSTRUCT_MIN_SCALE, scales_reconstructible
-from .residual import KeptOutput, RebuiltInput, ResidualPairing
+from .residual import INPLACE_HINT, KeptOutput, RebuiltInput, ResidualPairing
 
 __all__ = ["RECONSTRUCT_MIN_SCALE", "scale_shift_fused", "scale_shift_naive"]
 
@@ -33,6 +33,20 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1]
     out = grad.sum(dim=dims, keepdim=True) if dims else grad
     return out.reshape(shape)
+
+
+def _saved(ctx: Any) -> tuple:
+    """``ctx.saved_tensors``, with autograd's in-place error turned into one that names SSF and the fix."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as exc:
+        if "inplace" not in str(exc) and "in-place" not in str(exc):
+            raise
+        raise RuntimeError(
+            f"SSF: the output of an SSF site (or its input) was modified in place after the forward pass, e.g. by "
+            f"ReLU(inplace=True) right after a targeted layer; the fused training op needs it for the scale "
+            f"gradient. {INPLACE_HINT}"
+        ) from exc
 
 
 def _refuse_higher_order() -> None:
@@ -118,9 +132,9 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
     def backward(ctx, grad_y: torch.Tensor):  # type: ignore[override]
         _refuse_higher_order()
         if ctx.kept is not None:
-            (scale, shift), act = ctx.saved_tensors, None
+            (scale, shift), act = _saved(ctx), None
         else:
-            act, scale, shift = ctx.saved_tensors
+            act, scale, shift = _saved(ctx)
         grad_h = grad_s = grad_t = None
         if ctx.needs_input_grad[0]:
             grad_h = grad_y * scale
@@ -213,6 +227,8 @@ class _FoldedScaleShift(torch.autograd.Function):
         if low is not None and dtype != low and b is not None:
             b = b.to(low)
         y = site.run(x, w, b)  # under autocast the op casts x; w and b are already in its dtype
+        if y._is_view():  # F.linear on N-D input returns a view; autograd forbids in-place ops on a Function's views
+            y = y.detach()
         ctx.site, ctx.has_shift, ctx.x_shape = site, shift is not None, x.shape
         ctx.kept = KeptOutput(y) if mode is not None else None
         kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
@@ -222,7 +238,7 @@ class _FoldedScaleShift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         _refuse_higher_order()
-        y, weight, kept_w, scale, shift = ctx.saved_tensors
+        y, weight, kept_w, scale, shift = _saved(ctx)
         site = ctx.site
         grad_x = grad_scale = grad_shift = None
         if ctx.needs_input_grad[0]:
@@ -335,7 +351,7 @@ class _FoldedLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         _refuse_higher_order()
-        x, mean, rstd, w, b, weight, bias, scale = ctx.saved_tensors
+        x, mean, rstd, w, b, weight, bias, scale = _saved(ctx)
         if ctx.rebuild is not None:
             x = ctx.rebuild.input()
         grad_x = None

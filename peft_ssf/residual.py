@@ -1,21 +1,36 @@
 """Residual pairing: fused SSF sites that feed a residual add keep no activation of their own.
 
-The fused SSF op (``ops.scale_shift_fused``) keeps its output ``y`` for the scale gradient. Most of the time the
-next op keeps ``y`` anyway (GELU after ``fc1``, attention after ``q`` / ``k`` / ``v``), so that costs nothing. The
-exception is a site whose output goes straight into a residual add ``z = r + y`` (a transformer block's attention
-output and second MLP projection): the add saves nothing, so ``y`` would be SSF's own memory, about a fifth of a
-ViT's saved activations. But ``r`` and ``z`` are kept already, by the norms on both sides of the add in a pre-norm
-block, so backward can rebuild ``y = z - r``.
+The fused SSF op (``ops.scale_shift_fused`` / ``ops.folded_scale_shift``) keeps its output ``y`` for the scale
+gradient. Usually the next op keeps ``y`` anyway (GELU after ``fc1``, attention after ``q`` / ``k`` / ``v``), so that
+costs nothing. The exception is a site whose output goes straight into a residual add ``z = r + y`` (a transformer
+block's attention output and second MLP projection): the add keeps nothing, so ``y`` would be SSF's own memory, about
+a fifth of a ViT's saved activations. In a pre-norm block ``r`` and ``z`` are kept anyway, by the norms on both sides
+of the add, so backward can rebuild ``y = z - r``.
 
-``ResidualPairing`` is a ``TorchFunctionMode`` that SSFModel enters around *training* forwards (``model.train()``,
-grad enabled, ``SSFConfig(fused=True, pair_residuals=True)``, the defaults). It follows every tracked SSF output
-through value-preserving reshuffles (view / reshape / flatten / permute / transpose / contiguous / roll: Swin's
-window reverse and cyclic shift) to an add with a tensor of the same shape and float32 / float64 result, then
-tells the op's record to keep ``(r, z)`` instead of ``y``. Anything else (dropout with ``p > 0``, slicing, a
-layer-scale multiply, an in-place add) leaves the site as it was: it keeps ``y``.
+How it works, in one training forward:
+
+1. ``SSFModel`` enters a ``ResidualPairing`` (a ``TorchFunctionMode``) around the whole forward with ``with``, so the
+   mode stack is always left in LIFO order.
+2. A fused site hands its output and record to ``track``: the output tensor gets a ``_Pending`` mark.
+3. The mode watches every torch call. A value-preserving reshuffle of a marked tensor (view / reshape / flatten /
+   permute / transpose / contiguous / roll: Swin's window reverse and cyclic shift) marks its result too, with the
+   inverse reshuffle. An out-of-place add of a marked tensor and another tensor of the same shape, with a float32 /
+   float64 result, pairs the record: it drops ``y`` and keeps ``(r, z)``. Anything else (dropout with ``p > 0``,
+   slicing, a multiply, an in-place change) leaves the site as it was: it keeps ``y``.
+4. At the end of the forward every mark is removed.
+
+Marks live on the tensors themselves (a Python attribute), so nothing is keyed by ``id()`` and a freed tensor cannot be
+mistaken for a new one. Every kept tensor carries its version counter; a change in place after the forward raises an
+error naming SSF and the fix instead of giving a wrong gradient, and a site output changed in place *before* the add
+(``y.mul_(2)``) is not paired.
+
+Which sites pay off is found in the first training forward (*discovery*): a pairing is worth it only when both ``r``
+and ``z`` are inputs of SSF norm sites, which keep them anyway (ViT, Swin, DINOv2, BEiT). Where they are not
+(ConvNeXt's block input feeds an SSF depthwise conv, which keeps its output, not its input), pairing would keep two
+tensors instead of one, so later forwards track only the sites found worth pairing.
 
 A half-precision residual stream (a bf16 / fp16 model; Swin under CPU autocast) is the other way round: its rounding
-is large against a branch output, so ``z - r`` cannot stand in for ``y``, and the site keeps ``y``. Then the *norm*
+is large against a branch output, so ``z - r`` cannot stand in for ``y`` and the site keeps ``y``. Then the *norm*
 after the add need not keep ``z``: ``r`` and ``y`` are kept, and replaying the add (``RebuiltInput``) gives ``z`` bit
 for bit. A norm whose ``r`` is itself rebuilt replays the chain of adds back to a norm that keeps its input; every
 ``MAX_REBUILD_DEPTH`` adds one does, which bounds the replays in backward.
@@ -23,8 +38,8 @@ for bit. A norm whose ``r`` is itself rebuilt replays the chain of adds back to 
 Precision: ``z - r`` equals ``y`` up to float32 rounding of the residual stream, i.e. a relative error of about
 ``1e-7 * |r| / |y|`` per element; the parameter gradients are sums over all tokens and agree with the unpaired op
 to about 1e-6 relative (tested). Tensors kept by a paired record bypass ``torch.autograd.graph.saved_tensors_hooks``
-(``save_on_cpu`` would not offload them), so pairing switches itself off while such hooks are active (activation
-checkpointing, offloading); ``pair_residuals=False`` turns it off everywhere.
+(``save_on_cpu`` would not offload them), so pairing is off while such hooks are active (activation checkpointing,
+offloading); ``SSFConfig(pair_residuals=False)`` turns it off everywhere.
 """
 
 from __future__ import annotations
@@ -33,23 +48,29 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _ADD_NAMES = frozenset({"add", "__add__", "__radd__"})
-_MUL_NAMES = frozenset({"mul", "__mul__", "__rmul__"})
-#: a frozen per-channel multiplier (ConvNeXt's layer scale) is undone by division when all its |entries| reach this
-LAYER_SCALE_MIN = 1e-2
-_MULTIPLIER_OK: dict[tuple[int, int, int], bool] = {}
 _SHUFFLE_NAMES = frozenset({"view", "reshape", "flatten", "unflatten", "contiguous", "permute", "transpose", "roll"})
 _PAIRABLE_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 #: longest chain of residual adds a norm replays to rebuild its input (every this many adds, a norm keeps its input)
 MAX_REBUILD_DEPTH = 8
+#: the attribute that marks a tensor during one training forward (removed at its end)
+_MARK = "_ssf_residual_mark"
 
 _LOCAL = threading.local()
+
+INPLACE_HINT = (
+    "Use SSFConfig(fused=False) for models that change an SSF site's output or residual stream in place (or make the "
+    "in-place op out-of-place, e.g. ReLU(inplace=False))."
+)
+
+STREAM_HINT = "Set SSFConfig(pair_residuals=False) for models that update their residual stream in place."
 
 
 class KeptOutput:
@@ -67,6 +88,10 @@ class KeptOutput:
         self.inverses: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
         self.versions: tuple[int, ...] = (y._version,)
 
+    def unchanged(self) -> bool:
+        """Whether ``y`` is still as the op produced it (not changed in place since)."""
+        return self.y is not None and self.y._version == self.versions[0]
+
     def pair_with(self, r: torch.Tensor, z: torch.Tensor, inverses: tuple) -> None:
         """Drop ``y``; rebuild it in backward as ``z - r`` undone through ``inverses`` (last reshuffle first)."""
         self.pair = (r.detach(), z.detach())
@@ -79,11 +104,13 @@ class KeptOutput:
         raises if a tensor it needs was modified in place."""
         tensors = (self.y,) if self.pair is None else self.pair
         if tuple(t._version for t in tensors) != self.versions:
+            if self.pair is None:
+                what, fix = "the op's output", INPLACE_HINT
+            else:
+                what, fix = "the residual stream this site's output was added to", STREAM_HINT
             raise RuntimeError(
-                "SSF: a tensor needed for the scale gradient was modified in place after the forward pass "
-                + ("(the op's output)." if self.pair is None else
-                   "(the residual stream this site's output was added to). Set SSFConfig(pair_residuals=False) "
-                   "for models that update their residual stream in place.")
+                f"SSF: a tensor the fused training op needs for the scale gradient ({what}) was modified in place "
+                f"after the forward pass. {fix}"
             )
         if self.pair is None:
             return self.y if dtype is None else self.y.to(dtype)
@@ -97,10 +124,9 @@ class KeptOutput:
 class RebuiltInput:
     """How a norm site gets its input ``z = r + P(y)`` back in backward instead of keeping it.
 
-    For a half-precision residual stream (a bf16 / fp16 model, or Swin under CPU autocast), ``z - r`` cannot stand in
-    for ``y``: the stream's rounding is large against a branch output. The opposite direction is exact: ``y`` is kept
-    by its SSF site, ``r`` by the norm before the add, and replaying the add (and the reshuffles ``P`` between the
-    site and the add: Swin's window reverse and roll) in the same dtype gives ``z`` bit for bit, because an
+    For a half-precision residual stream, ``z - r`` cannot stand in for ``y``. The opposite direction is exact: ``y``
+    is kept by its SSF site, ``r`` by the norm before the add, and replaying the add (and the reshuffles ``P`` between
+    the site and the add: Swin's window reverse and roll) in the same dtype gives ``z`` bit for bit, because an
     elementwise add has one correctly rounded result whatever the layout. So the norm after the add keeps nothing of
     its own.
     """
@@ -125,13 +151,45 @@ class RebuiltInput:
         if self.r._version != self.version:
             raise RuntimeError(
                 "SSF: the residual stream added to an SSF site's output was modified in place after the forward "
-                "pass. Set SSFConfig(pair_residuals=False) for models that update their residual stream in place."
+                f"pass. {STREAM_HINT}"
             )
         return self.r + y
 
 
-def _replay(func: Any, rest: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda d: func(d, *rest, **kwargs)
+@dataclass(frozen=True)
+class _Pending:
+    """A tensor derived from a site's output ``y`` by reshuffles, on its way to a residual add."""
+
+    record: KeptOutput
+    site: object  # the SSF layer
+    version: int  # the marked tensor's version when marked: a change in place since then stops the pairing
+    inverses: tuple  # undo the reshuffles, back to y
+    replays: tuple  # redo them from y (to rebuild a half-precision norm input)
+
+
+@dataclass(frozen=True)
+class _Rebuild:
+    """A half-precision ``z = r + P(y)``: the norm it feeds may rebuild it instead of keeping it."""
+
+    version: int
+    recipe: RebuiltInput
+
+
+@dataclass(frozen=True)
+class _NormInput:
+    """A tensor a norm site received: kept by that norm (``recipe`` None) or rebuilt in backward."""
+
+    recipe: Optional[RebuiltInput]
+
+
+@dataclass
+class _Marks:
+    """Everything one forward attached to one tensor (see ``_MARK``)."""
+
+    mode: ResidualPairing
+    pending: Optional[_Pending] = None
+    rebuild: Optional[_Rebuild] = None
+    norm: Optional[_NormInput] = None
 
 
 def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Optional[Callable]:
@@ -160,188 +218,150 @@ def _inverse_of(func: Any, args: tuple, kwargs: dict, src: torch.Tensor) -> Opti
     return None
 
 
+def _replay(func: Any, rest: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda d: func(d, *rest, **kwargs)
+
+
 class ResidualPairing(TorchFunctionMode):
     """Pairs tracked SSF outputs with the residual add they feed (see the module docstring).
 
-    A Python ``__torch_function__`` costs microseconds per torch call, so the mode is only active where it can pair:
-    in a *discovery* forward (``sites=None``) it watches the whole forward and records which sites paired; later
-    forwards pass those sites, and the mode is entered when such a site produces its output and left at the next
-    site once nothing is pending (typically two intercepted calls per site: a dropout and the add).
+    Args:
+        sites: the SSF layers worth pairing, found by an earlier forward of this model; None watches all of them
+            (discovery, see ``take_paired_sites``).
     """
 
-    def __init__(self, sites: Optional[frozenset[int]] = None) -> None:
+    def __init__(self, sites: Optional[frozenset] = None) -> None:
         super().__init__()
         self.sites = sites
-        # id(tensor) -> (weakref, the site's record, inverses back to y, site id, replays from y or None)
-        self.pending: dict[int, tuple[weakref.ref, KeptOutput, tuple, int, Optional[tuple]]] = {}
-        self.paired = 0
+        self.paired = 0  # sites paired in this forward
         self.rebuilt = 0  # norm sites that rebuild their input (half-precision streams) in this forward
-        # half-precision adds fed by a tracked site: id(z) -> (weakref z, z's version, how to rebuild z); and the
-        # norm inputs kept by their norm
-        self.rebuilds: dict[int, tuple[weakref.ref, int, RebuiltInput]] = {}
-        self.kept_inputs: dict[int, tuple[weakref.ref]] = {}
-        self.rebuilt_inputs: dict[int, tuple[weakref.ref, RebuiltInput]] = {}  # norm inputs rebuilt in backward
-        self.entered = False  # scoped mode: currently on the torch-function mode stack
         self.tracked = 0  # site outputs followed in this forward
-        # discovery: inputs of the norm sites (id -> weakref), and each pairing's site with its r and z. r and z are
-        # held strongly until ``take_paired_sites``: saved-tensor hooks may keep other tensor objects than these
-        self.norm_inputs: dict[int, weakref.ref] = {}
-        self.candidates: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.pending = 0  # marked tensors that may still reach an add (0: every torch call passes straight through)
+        self._marked: list[weakref.ref] = []  # tensors carrying a mark, to clear them at the end
+        # discovery: each pairing's (site, r, z), held until ``take_paired_sites`` (saved-tensor hooks may keep other
+        # tensor objects than these)
+        self.candidates: list[tuple[object, torch.Tensor, torch.Tensor]] = []
 
+    # ----- marks ----------------------------------------------------------------------------------------------
+    def _marks(self, t: Any, create: bool = False) -> Optional[_Marks]:
+        if not isinstance(t, torch.Tensor):
+            return None
+        marks = getattr(t, _MARK, None)
+        if marks is not None and marks.mode is self:
+            return marks
+        if not create:
+            return None
+        marks = _Marks(self)
+        setattr(t, _MARK, marks)
+        self._marked.append(weakref.ref(t))
+        return marks
+
+    def _set_pending(self, t: torch.Tensor, pending: _Pending) -> None:
+        self._marks(t, create=True).pending = pending
+        self.pending += 1
+
+    def _take_pending(self, t: Any) -> Optional[_Pending]:
+        marks = self._marks(t)
+        return marks.pending if marks is not None else None
+
+    def clear(self) -> None:
+        """Remove every mark this forward attached (tensors that outlive the forward carry nothing of it)."""
+        for ref in self._marked:
+            t = ref()
+            if t is not None and getattr(t, _MARK, None) is not None and getattr(t, _MARK).mode is self:
+                delattr(t, _MARK)
+        self._marked.clear()
+        self.pending = 0
+
+    # ----- what sites and norms report --------------------------------------------------------------------------
     def wants(self, layer: object) -> bool:
         """Whether ``layer``'s output should be tracked this forward."""
-        return self.sites is None or id(layer) in self.sites
+        return self.sites is None or layer in self.sites
 
-    def track(self, y: torch.Tensor, record: KeptOutput, layer: object = None) -> None:
+    def track(self, y: torch.Tensor, record: KeptOutput, layer: object) -> None:
         """Follow ``y`` (an SSF output whose op keeps ``record``) until it meets a residual add."""
-        self.pending[id(y)] = (weakref.ref(y), record, (), id(layer), ())
+        self._set_pending(y, _Pending(record, layer, y._version, (), ()))
         self.tracked += 1
-        if self.sites is not None and not self.entered:
-            self.__enter__()
-            self.entered = True
 
     def norm_input(self, x: torch.Tensor, can_rebuild: bool = False) -> Optional[RebuiltInput]:
         """A norm site received ``x``. Returns how to rebuild ``x`` in backward when it may (``can_rebuild``: the site
         can run without keeping its input) and should: ``x`` is a half-precision ``r + P(y)`` of a tracked site and
         ``r`` is kept by a norm that keeps its input. Otherwise the norm keeps ``x``, and pairing with it is free."""
-        if self.sites is None:
-            self.norm_inputs[id(x)] = weakref.ref(x)
-        known = self.rebuilds.pop(id(x), None) if can_rebuild else None
-        if known is not None and known[0]() is x and x._version == known[1]:  # not changed in place since the add
-            recipe = known[2]
+        marks = self._marks(x, create=True)
+        known = marks.rebuild if can_rebuild else None
+        if known is not None and x._version == known.version:  # not changed in place since the add
             self.rebuilt += 1
-            self.rebuilt_inputs[id(x)] = (weakref.ref(x), recipe)
-            return recipe
-        self.kept_inputs[id(x)] = (weakref.ref(x),)
+            marks.norm = _NormInput(known.recipe)
+            return known.recipe
+        marks.norm = _NormInput(None)
         return None
 
     def _anchor_of(self, r: torch.Tensor) -> Optional[torch.Tensor | RebuiltInput]:
         """What a norm rebuilding ``z = r + P(y)`` starts from: ``r`` if a norm keeps it, ``r``'s own recipe if a
         norm rebuilds it and the chain stays within ``MAX_REBUILD_DEPTH``, else None (the norm keeps ``z``)."""
-        entry = self.kept_inputs.get(id(r))
-        if entry is not None and entry[0]() is r:
+        marks = self._marks(r)
+        if marks is None or marks.norm is None:
+            return None
+        recipe = marks.norm.recipe
+        if recipe is None:
             return r
-        entry = self.rebuilt_inputs.get(id(r))
-        if entry is not None and entry[0]() is r and entry[1].depth < MAX_REBUILD_DEPTH:
-            return entry[1]
-        return None
+        return recipe if recipe.depth < MAX_REBUILD_DEPTH else None
 
-    def _kept_by_a_norm(self, t: torch.Tensor) -> bool:
-        known = self.norm_inputs.get(id(t))
-        return known is not None and known() is t
+    def _is_norm_input(self, t: torch.Tensor) -> bool:
+        marks = self._marks(t)
+        return marks is not None and marks.norm is not None
 
-    def take_paired_sites(self) -> frozenset[int]:
-        """After a discovery forward: the sites worth pairing, and the tensors held to find them are released.
-
-        A site is worth pairing when both tensors it keeps instead of its output (the add's operand ``r`` and result
-        ``z``) are inputs of norm sites, which keep them anyway (pre-norm blocks: ViT, Swin, DINOv2, BEiT). Where
-        they are not (ConvNeXt's block input feeds an SSF depthwise-conv site, which keeps its output, not its
-        input), pairing would keep two tensors instead of one, so later forwards leave those sites unpaired."""
-        kept = self._kept_by_a_norm
-        sites = frozenset(site for site, r, z in self.candidates if kept(r) and kept(z))
+    def take_paired_sites(self) -> frozenset:
+        """After a discovery forward: the sites worth pairing (both tensors a paired site keeps instead of its output,
+        the add's operand ``r`` and result ``z``, are inputs of norm sites, which keep them anyway)."""
+        sites = frozenset(site for site, r, z in self.candidates if self._is_norm_input(r) and self._is_norm_input(z))
         self.candidates.clear()
-        self.norm_inputs.clear()
         return sites
 
-    def site_starts(self) -> None:
-        """An SSF site begins its forward: leave a scoped mode once nothing is left to pair."""
-        if not self.entered:
-            return
-        for key in [k for k, entry in self.pending.items() if entry[0]() is None]:
-            del self.pending[key]
-        if not self.pending:
-            self.leave()
-
-    def leave(self) -> None:
-        """Pop a scoped mode (only from the top of the stack: another mode pushed since stays intact)."""
-        if self.entered and _top_torch_function_mode() is self:
-            self.__exit__(None, None, None)
-            self.entered = False
-
-    def _entry(self, t: Any) -> Optional[tuple[weakref.ref, KeptOutput, tuple, int, Optional[tuple]]]:
-        entry = self.pending.get(id(t)) if isinstance(t, torch.Tensor) else None
-        return entry if entry is not None and entry[0]() is t else None
-
+    # ----- the interception -----------------------------------------------------------------------------------
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self.pending or not isinstance(out, torch.Tensor) or not args:
             return out
         name = getattr(func, "__name__", "")
-        if name in _ADD_NAMES:
-            if len(args) == 2 and not kwargs:
-                for y, r in ((args[0], args[1]), (args[1], args[0])):
-                    entry = self._entry(y)
-                    if entry is None or not isinstance(r, torch.Tensor) or not r.shape == y.shape == out.shape:
-                        continue
-                    if out.dtype in _PAIRABLE_DTYPES:
-                        entry[1].pair_with(r, out, entry[2])
-                        self.paired += 1
-                    elif out.dtype in _HALF_DTYPES and r.dtype == y.dtype == out.dtype and entry[4] is not None:
-                        # the site keeps y; the norm after the add may rebuild z instead of keeping it
-                        # r must be resolved now: a rebuilt r is kept by nobody and dies after this add
-                        base = self._anchor_of(r)
-                        if base is not None:
-                            recipe = RebuiltInput(base, entry[1], entry[4])
-                            self.rebuilds[id(out)] = (weakref.ref(out), out._version, recipe)
-                    else:
-                        break
-                    del self.pending[id(y)]
-                    if self.sites is None:
-                        self.candidates.append((entry[3], r, out))
-                    break
+        if name in _ADD_NAMES and len(args) == 2 and not kwargs:
+            self._at_add(args[0], args[1], out)
         elif name in _SHUFFLE_NAMES and out is not args[0]:
-            entry = self._entry(args[0])
-            if entry is not None:
-                inverse = _inverse_of(func, args, kwargs, args[0])
+            src = args[0]
+            pending = self._take_pending(src)
+            if pending is not None and src._version == pending.version:
+                inverse = _inverse_of(func, args, kwargs, src)
                 if inverse is not None:
-                    replays = None if entry[4] is None else entry[4] + (_replay(func, args[1:], kwargs),)
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3], replays)
-        elif name in _MUL_NAMES and len(args) == 2 and not kwargs:
-            for y, m in ((args[0], args[1]), (args[1], args[0])):
-                entry = self._entry(y)
-                if entry is not None and out.shape == y.shape and _frozen_multiplier(m, y):
-                    inverse = _divide_by(m)  # (not replayed: a half-precision stream is never rebuilt through it)
-                    self.pending[id(out)] = (weakref.ref(out), entry[1], entry[2] + (inverse,), entry[3], None)
-                    break
+                    replays = pending.replays + (_replay(func, args[1:], kwargs),)
+                    inverses = pending.inverses + (inverse,)
+                    self._set_pending(out, _Pending(pending.record, pending.site, out._version, inverses, replays))
         return out
 
-
-def _frozen_multiplier(m: Any, y: torch.Tensor) -> bool:
-    """Whether ``y * m`` can be undone by division: ``m`` a frozen per-channel vector along ``y``'s last axis (or a
-    frozen scalar) with every ``|entry| >= LAYER_SCALE_MIN``.
-
-    A rebuilt ``y = (z - r) / m`` carries the rounding of ``z`` divided by ``m``, but the gradient reaching ``y`` is
-    ``m`` times the one reaching ``z``, so the error in the scale gradient is the same as for an unscaled residual;
-    the floor on ``|m|`` keeps the rebuilt values themselves meaningful (a layer scale at its 1e-6 initial value is
-    not paired). The check reads ``m`` once per storage and version: frozen weights do not change between steps.
-    """
-    if not isinstance(m, torch.Tensor) or m.requires_grad or not m.is_floating_point():
-        return False
-    if m.dim() > 1 or (m.dim() == 1 and m.shape[0] != y.shape[-1]):
-        return False
-    key = (id(m), m.data_ptr(), m._version)
-    ok = _MULTIPLIER_OK.get(key)
-    if ok is None:
-        ok = bool(m.detach().abs().min() >= LAYER_SCALE_MIN) if m.numel() else False
-        if len(_MULTIPLIER_OK) > 4096:
-            _MULTIPLIER_OK.clear()
-        _MULTIPLIER_OK[key] = ok
-    return ok
-
-
-def _divide_by(m: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    frozen, version = m.detach(), m._version
-
-    def inverse(d: torch.Tensor) -> torch.Tensor:
-        if frozen._version != version:
-            raise RuntimeError(
-                "SSF: a per-channel multiplier (layer scale) between this site and its residual add was modified "
-                "in place after the forward pass. Set SSFConfig(pair_residuals=False) for this model."
-            )
-        return d / frozen
-
-    return inverse
+    def _at_add(self, a: Any, b: Any, z: torch.Tensor) -> None:
+        for y, r in ((a, b), (b, a)):
+            pending = self._take_pending(y)
+            if pending is None or not isinstance(r, torch.Tensor) or not (r.shape == y.shape == z.shape):
+                continue
+            if y._version != pending.version or not pending.record.unchanged():
+                return  # changed in place on its way here: the site keeps y (and its backward checks y's version)
+            if z.dtype in _PAIRABLE_DTYPES:
+                pending.record.pair_with(r, z, pending.inverses)
+                self.paired += 1
+            elif z.dtype in _HALF_DTYPES and r.dtype == y.dtype == z.dtype:
+                # the site keeps y; the norm after the add may rebuild z instead of keeping it. r is resolved now: a
+                # rebuilt r is kept by nobody and dies after this add
+                base = self._anchor_of(r)
+                if base is not None:
+                    recipe = RebuiltInput(base, pending.record, pending.replays)
+                    self._marks(z, create=True).rebuild = _Rebuild(z._version, recipe)
+            else:
+                return
+            self._marks(y).pending = None
+            self.pending -= 1
+            if self.sites is None:
+                self.candidates.append((pending.site, r, z))
+            return
 
 
 def active() -> Optional[ResidualPairing]:
@@ -378,18 +398,12 @@ def hooks_only_observe() -> Iterator[None]:
         _LOCAL.observing = before
 
 
-def _top_torch_function_mode() -> Any:
-    depth = torch._C._len_torch_function_stack()
-    return torch._C._get_function_stack_at(depth - 1) if depth else None
-
-
 @contextmanager
-def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]:
-    """Enable residual pairing for the forward passes run inside (one training forward at a time).
+def pairing(sites: Optional[frozenset] = None) -> Iterator[ResidualPairing]:
+    """Residual pairing for the training forward run inside: the mode is entered here and left here (LIFO).
 
     Args:
-        sites: ids of the SSF layers whose output fed a residual add in an earlier forward of this model (the mode
-            is then entered only around them); None watches the whole forward to find them (``take_paired_sites``).
+        sites: the SSF layers found worth pairing by an earlier forward of this model; None watches all of them.
     """
     outer = getattr(_LOCAL, "mode", None)
     if outer is not None:  # nested forward (e.g. a wrapped model inside another): the outer mode serves both
@@ -398,15 +412,8 @@ def pairing(sites: Optional[frozenset[int]] = None) -> Iterator[ResidualPairing]
     mode = ResidualPairing(sites)
     _LOCAL.mode = mode
     try:
-        if sites is None:
-            with mode:
-                yield mode
-        else:
+        with mode:
             yield mode
     finally:
         _LOCAL.mode = None
-        mode.leave()
-        mode.pending.clear()
-        mode.rebuilds.clear()
-        mode.kept_inputs.clear()
-        mode.rebuilt_inputs.clear()
+        mode.clear()

@@ -224,22 +224,60 @@ def test_loaded_small_scales_refresh_the_compiled_answer(tmp_path):
         assert [layer.ssf_keep_output["default"] for layer in layers] == [False, True], low_cpu_mem_usage
 
 
-def test_an_optimizer_without_ssf_scales_does_not_check_them(monkeypatch):
+def test_optimizer_steps_refresh_only_compiled_layers(monkeypatch, pixels):
+    """The optimizer post-step hook refreshes the answers of layers a graph was compiled for, and only after a step
+    that updated their scales; layers of an eager model are never checked there."""
     from peft_ssf import guard
 
-    model = get_peft_model(tiny_vit(), SSFConfig(modules_to_save=["classifier"]))
+    eager = get_peft_model(tiny_vit(), SSFConfig(modules_to_save=["classifier"]))
+    compiled = get_peft_model(tiny_vit(), SSFConfig(target_modules=["fc1"], modules_to_save=["classifier"])).train()
+    torch._dynamo.reset()
+    torch.compile(compiled)(pixel_values=pixels, labels=LABELS).loss.backward()
     calls = []
     monkeypatch.setattr(guard, "refresh_sites", lambda sites: calls.append(list(sites)))
-    head = [p for n, p in model.named_parameters() if "classifier" in n and p.requires_grad]
-    for p in head:
-        p.grad = torch.zeros_like(p)
+    head = [p for n, p in compiled.named_parameters() if "classifier" in n and p.requires_grad]
     torch.optim.SGD(head, lr=0.1).step()
     assert calls == []
-    scales = [p for n, p in model.named_parameters() if "ssf_scale" in n]
-    for p in scales:
-        p.grad = torch.zeros_like(p)
-    torch.optim.SGD(scales, lr=0.1).step()
-    assert len(calls) == 1 and len(calls[0]) == len(scales)
+    for model in (eager, compiled):
+        scales = [p for n, p in model.named_parameters() if "ssf_scale" in n]
+        for p in scales:
+            p.grad = torch.zeros_like(p)
+        torch.optim.SGD(scales, lr=0.1).step()
+    assert len(calls) == 1 and len(calls[0]) == 2  # the compiled model's two fc1 sites; the eager model's none
+
+
+def test_eager_training_installs_no_optimizer_hook():
+    """A process that trains SSF eagerly has no global optimizer hook and no torch-function mode left behind, also
+    when the user enters a TorchFunctionMode of their own around the forward."""
+    code = """
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.optim.optimizer import _global_optimizer_post_hooks
+from peft import get_peft_model
+from transformers import ViTConfig, ViTForImageClassification
+import peft_ssf
+
+class Count(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                   patch_size=8, num_labels=4)
+model = get_peft_model(ViTForImageClassification(config), peft_ssf.SSFConfig(modules_to_save=["classifier"])).train()
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], fused=True)
+for _ in range(3):
+    with Count():
+        loss = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    opt.step()
+    print(torch._C._len_torch_function_stack(), end=" ")
+print(len(_global_optimizer_post_hooks), model.base_model.residual_pairs)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "0", "0", "0", "4"]
 
 
 # ----- double backward -------------------------------------------------------------------------------------------

@@ -232,11 +232,10 @@ def test_inference_fold_matches_scaling_the_output(make, shape):
     assert not torch.allclose(folded, base(x), atol=1e-3)  # the adapter is visibly applied
 
 
-@pytest.mark.parametrize("gamma,expected_pairs", [(None, 0), (0.3, 2)])
-def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pixels):
-    """ConvNeXt multiplies pwconv2's output by a frozen layer scale before the residual add: with learned values
-    (not the 1e-6 initial value) the site pairs through it, with the unpaired gradients. Later forwards do not pair
-    it: ConvNeXt's residual stream is not kept by a norm, so pairing would keep r and z instead of y."""
+@pytest.mark.parametrize("gamma", [None, 0.3])
+def test_convnext_sites_behind_a_layer_scale_keep_their_output(gamma, pixels):
+    """ConvNeXt multiplies pwconv2's output by a layer scale before the residual add, and its residual stream is not
+    kept by a norm: nothing pairs (a multiply ends the search), and the gradients are the unpaired ones."""
     grads, pairs = {}, {}
     for pair in (False, True):
         base = FAMILIES["convnext"]()
@@ -252,17 +251,15 @@ def test_convnext_pairs_through_a_learned_layer_scale(gamma, expected_pairs, pix
         model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
         grads[pair] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
         pairs[pair] = getattr(model.base_model, "residual_pairs", None)
-    assert pairs[True] == expected_pairs
+    assert pairs[True] == 0
     for n, g in grads[False].items():
-        assert (grads[True][n] - g).abs().max().item() <= 1e-5 * max(g.abs().max().item(), 1e-4), n
-    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
-    assert model.base_model.residual_pairs == 0
+        torch.testing.assert_close(grads[True][n], g, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_scoped_pairing_after_discovery_pairs_the_same_sites(family, pixels):
-    """The first training forward finds the residual sites; later forwards watch only them (the mode is entered
-    around each such site) and must pair exactly as many, with the same gradients."""
+    """The first training forward finds the residual sites; later forwards track only them and must pair exactly as
+    many, with the same gradients."""
     model = get_peft_model(FAMILIES[family](), SSFConfig(init_weights=False, modules_to_save=["classifier"]))
     model.train()
     for module in model.modules():  # deterministic forwards: no dropout, no stochastic depth
@@ -280,7 +277,7 @@ def test_scoped_pairing_after_discovery_pairs_the_same_sites(family, pixels):
     # (Swin's last block of a stage feeds patch merging, whose norm sees a concatenation, not z)
     assert counts[0] >= counts[1] == counts[2] > 0
     assert counts[1] == {"vit": 4, "swin": 7}[family]
-    assert torch._C._len_torch_function_stack() == 0  # the scoped mode never stays on the stack
+    assert torch._C._len_torch_function_stack() == 0  # the mode never stays on the stack
     for n, g in grads[0].items():
         torch.testing.assert_close(grads[2][n], g)
 

@@ -1,0 +1,139 @@
+"""Issue 22's op-level rows: models the fused training op was not designed around. Each test compares the default
+op with the naive reference (``fused=False``) or asserts the clear error that replaces a silent difference."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_ssf import SSFConfig
+
+
+class _Block(nn.Module):
+    """Pre-norm residual block whose site output is changed in place before the add (``mul_`` or ``relu_``)."""
+
+    def __init__(self, site: str = "conv1d", inplace: str = "mul", channels: int = 8) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.fc = Conv1D(channels, channels) if site == "conv1d" else nn.Linear(channels, channels)
+        self.head = nn.Linear(channels, 2)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.ln1(x))
+        if self.inplace == "mul":
+            y.mul_(2)
+        elif self.inplace == "relu":
+            y = torch.relu_(y)
+        return self.head(self.ln2(x + y)).square().mean()
+
+
+def _pair(base: nn.Module, **config) -> tuple[nn.Module, nn.Module]:
+    fused = get_peft_model(copy.deepcopy(base), SSFConfig(init_weights=False, **config)).train()
+    naive = get_peft_model(copy.deepcopy(base), SSFConfig(init_weights=False, fused=False, **config)).train()
+    naive.load_state_dict(fused.state_dict())
+    return fused, naive
+
+
+def _grads(model: nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(*inputs).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("site", ["conv1d", "linear"])
+@pytest.mark.parametrize("inplace", ["mul", "relu"])
+def test_site_output_changed_in_place_is_a_clear_error_never_a_wrong_gradient(site, inplace):
+    """Today's main paired the Conv1D site through ``y.mul_(2)`` and returned scale gradients 9x off, silently; a
+    folded Linear failed with autograd's view error, naming neither SSF nor the fix."""
+    torch.manual_seed(0)
+    fused, naive = _pair(_Block(site, inplace), target_modules=["fc", "ln1", "ln2"])
+    x = torch.randn(3, 5, 8)
+    reference = _grads(naive, x)
+    for _ in range(2):  # the discovery forward and a later one
+        try:
+            got = _grads(fused, x)
+        except RuntimeError as exc:
+            assert "SSF" in str(exc) and "fused=False" in str(exc)
+            continue
+        assert got.keys() == reference.keys()
+        for name, g in reference.items():
+            torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(6, 6), lambda: nn.Conv1d(6, 6, 1)])
+def test_in_place_activation_after_a_folded_site_names_ssf_and_the_fix(make):
+    model = nn.Sequential(make(), nn.ReLU(inplace=True), make())
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 6, 5) if isinstance(model[0], nn.Conv1d) else torch.randn(4, 6)
+    peft = get_peft_model(model, SSFConfig(target_modules=["0"], init_weights=False)).train()
+    with pytest.raises(RuntimeError, match=r"SSF: .*modified in place.*fused=False"):
+        peft(x).sum().backward()
+    naive = get_peft_model(reference, SSFConfig(target_modules=["0"], fused=False)).train()
+    naive(x).sum().backward()  # the reference op works
+
+
+class _NormModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(self.fc(x))).float().square().mean()
+
+
+def test_trainable_norm_bias_in_a_bf16_model_gets_the_naive_gradient():
+    """BitFit-style: SSF on a norm whose bias is trainable, in a bf16 model. Main returned grad=None for the bias."""
+    torch.manual_seed(0)
+    base = _NormModel().to(torch.bfloat16)
+    fused, naive = _pair(base, target_modules=["norm"])
+    for model in (fused, naive):
+        model.base_model.model.norm.base_layer.bias.requires_grad_(True)
+    x = torch.randn(4, 6, 8, dtype=torch.bfloat16)
+    got, reference = _grads(fused, x), _grads(naive, x)
+    assert got.keys() == reference.keys()
+    assert "base_model.model.norm.base_layer.bias" in got
+    for name, g in reference.items():
+        torch.testing.assert_close(got[name].float(), g.float(), rtol=2e-2, atol=1e-3)
+
+
+class _SubclassTensor(torch.Tensor):
+    """Stands in for torchao's AffineQuantizedTensor: a tensor subclass from another package."""
+
+
+_SubclassTensor.__module__ = "torchao.dtypes.affine_quantized_tensor"
+
+
+def test_tensor_subclass_weights_are_refused_at_get_peft_model():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model[0].weight = nn.Parameter(model[0].weight.detach().as_subclass(_SubclassTensor), requires_grad=False)
+    with pytest.raises(TypeError, match=r"SSF cannot adapt module '0'.*tensor subclass.*LoRA"):
+        get_peft_model(model, SSFConfig(target_modules=["0"]))
+
+
+def test_inference_fold_runs_the_accelerate_hook():
+    """A module with an accelerate hook (device alignment, or any pre-forward) must run through the hook also in
+    the no-grad inference path, which otherwise folds SSF into a direct ``F.linear`` call."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Double(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return tuple(a * 2 for a in args), kwargs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    add_hook_to_module(model[0], Double())
+    peft = get_peft_model(model, SSFConfig(target_modules=["0"], init_weights=False)).eval()
+    layer = peft.base_model.model[0]
+    x = torch.randn(16, 4)  # more rows than features: the fold would be chosen
+    with torch.no_grad():
+        got = peft(x)
+        expected = layer.base_layer(x) * layer.ssf_scale["default"] + layer.ssf_shift["default"]
+    torch.testing.assert_close(got, expected)
