@@ -168,16 +168,25 @@ def test_pairing_matches_unpaired_gradients_on_real_models(family, expected_pair
 
 
 def test_in_place_scale_update_to_near_zero_is_seen_by_the_next_forward(pixels):
-    """The 'scale large enough' check runs every training forward: an update to ~0 is seen at once."""
-    model = get_peft_model(FAMILIES["vit"](), SSFConfig(target_modules=["fc2"], modules_to_save=["classifier"]))
-    model.train()
-    layer = model.base_model.model.vit.layers[0].mlp.fc2
-    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
-    with torch.no_grad():
-        layer.ssf_scale["default"][3] = RECONSTRUCT_MIN_SCALE / 100
-    layer.ssf_scale["default"].grad = None
-    model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
-    assert torch.isfinite(layer.ssf_scale["default"].grad).all()
+    """The 'scale large enough' check runs every training forward: an update to ~0 is seen at once, and the
+    gradients are the naive op's."""
+    models = []
+    for fused in (True, False):
+        config = SSFConfig(target_modules=["fc2"], modules_to_save=["classifier"], init_weights=False, fused=fused)
+        models.append(get_peft_model(FAMILIES["vit"](), config).train())
+    models[1].load_state_dict(models[0].state_dict())
+    grads = []
+    for model in models:
+        layer = model.base_model.model.vit.layers[0].mlp.fc2
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        with torch.no_grad():
+            layer.ssf_scale["default"][3] = RECONSTRUCT_MIN_SCALE / 100
+        model.zero_grad(set_to_none=True)
+        model(pixel_values=pixels, labels=torch.tensor([0, 1, 2, 3])).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[1].items():
+        torch.testing.assert_close(grads[0][name], g, rtol=1e-5, atol=1e-6 * max(g.abs().max().item(), 1e-3))
 
 
 @pytest.mark.parametrize("reentrant", [False, True])

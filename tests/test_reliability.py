@@ -165,14 +165,28 @@ def test_half_precision_models_keep_fp32_adapters_and_merge_within_tolerance(dty
     assert err <= tol
 
 
-def test_autocast_input_dtype_differs_from_adapter():
-    model = get_peft_model(tiny_vit(), SSFConfig(init_weights=False, modules_to_save=["classifier"]))
-    model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss
-    loss.backward()
-    grads = [p.grad for n, p in model.named_parameters() if ".ssf_" in n]
-    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+def test_autocast_gradients_of_fp32_adapters_match_the_naive_op():
+    """Under bf16 autocast the fp32 adapter parameters get fp32 gradients equal to the naive op's under the same
+    autocast (the fused op adds no error of its own)."""
+    grads, models = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        config = SSFConfig(init_weights=False, modules_to_save=["classifier"], fused=fused)
+        model = get_peft_model(tiny_vit(), config).train()
+        if models:
+            model.load_state_dict(models[0].state_dict())
+        models.append(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(pixel_values=torch.ones(2, 3, 32, 32) * 0.5, labels=torch.tensor([0, 1])).loss
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if ".ssf_" in n})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert {g.dtype for g in grads[0].values()} == {torch.float32}
+    # bf16 rounding of single entries differs between the two orders of operations (and some true gradients, like
+    # the query shifts', are near zero): compare the model's whole SSF gradient (per-entry accuracy against float64
+    # is test_ecosystem's test_fused_gradients_are_as_accurate_as_naive_in_half_precision)
+    fused, naive = (torch.cat([g[n].flatten() for n in sorted(g)]) for g in grads)
+    assert (fused - naive).norm() <= 2e-2 * naive.norm()
 
 
 # ----- 4. files -----------------------------------------------------------------------------------------------------
