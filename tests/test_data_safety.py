@@ -324,3 +324,18 @@ def test_config_field_of_the_wrong_type_is_named_with_the_file(saved, field, val
             load()
     with pytest.raises(TypeError, match=match):
         SSFConfig(**{field: value})
+
+
+@pytest.mark.parametrize("damage", ["no_ssf_weights", "invalid_json", "empty_config"])
+def test_cli_merge_refuses_a_damaged_adapter_with_exit_2(saved, tmp_path, damage, capsys):
+    from peft_ssf.cli import main
+
+    tiny_vit().save_pretrained(tmp_path / "base")
+    if damage == "no_ssf_weights":
+        _edit_weights(saved, lambda t: [t.pop(k) for k in [k for k in t if ".ssf_" in k]])
+    else:
+        _write_config(saved, "{" if damage == "invalid_json" else "{}")
+    for base in (["--base", str(tmp_path / "base")], []):
+        assert main(["merge", "--adapter", str(saved), *base, "--out", str(tmp_path / "merged")]) == 2
+        assert not (tmp_path / "merged").exists()
+    assert "adapter_config.json" in capsys.readouterr().err or damage == "no_ssf_weights"
