@@ -275,7 +275,9 @@ class SSFModel(BaseTuner):
 
         ``set_peft_model_state_dict`` loads with ``strict=False`` into the whole model, so without this a key such as
         ``...q_proj.base_layer.weight`` would silently overwrite a frozen base weight. Refused, naming the key: keys
-        that are neither this adapter's SSF parameters nor its ``modules_to_save`` / other auxiliary modules;
+        that are neither this adapter's SSF parameters, nor its ``modules_to_save`` / other auxiliary modules, nor the
+        input / output embedding weights that PEFT's ``save_embedding_layers`` writes (when an embedding is targeted or
+        the vocabulary was resized);
         non-float tensors (bool, int8, ...) where the model holds floats; a file without any of the adapter's SSF
         parameters (PEFT would only warn about missing keys and leave an identity adapter).
         """
@@ -288,7 +290,7 @@ class SSFModel(BaseTuner):
             if isinstance(module, AuxiliaryTrainingWrapper):
                 name = name.removeprefix("_fsdp_wrapped_module.")
                 aux_keys |= {f"{name}.{v}" for v in module.adapter_state_dict_load_map(adapter_name).values()}
-        allowed = ssf_keys | aux_keys
+        allowed = ssf_keys | aux_keys | _embedding_keys(model, model_state)
         prefix = "base_model.model."
         loaded_ssf = 0
         # PEFT's mapping keeps the order of the file's keys: messages name the key as it is in the file
@@ -414,6 +416,27 @@ class SSFModel(BaseTuner):
             raise ValueError(
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known: {sorted(known)}."
             )
+
+
+def _embedding_keys(model: nn.Module, model_state: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys of the input / output embeddings (SSF keys excluded): PEFT's ``save_embedding_layers`` saves
+    these base weights with an adapter when an embedding is targeted or was resized, and loads them back."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            layer = None
+        found.append(layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer)
+    if not isinstance(found[0], nn.Embedding):  # a vocabulary (text models) only: not e.g. ViT's patch embedding
+        return set()
+    layers = [id(layer) for layer in found if layer is not None]
+    prefixes = tuple(
+        f"{name}." for name, module in model.named_modules()
+        if id(module) in layers or (isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in layers)
+    )
+    ssf = tuple(f".{attr}." for attr in SSFLayer.adapter_layer_names)
+    return {k for k in model_state if prefixes and k.startswith(prefixes) and not any(a in k for a in ssf)}
 
 
 def _shorten(names: list[str], limit: int = 10) -> str:

@@ -192,6 +192,38 @@ def test_adapter_key_reaching_a_base_weight_is_refused_by_load_adapter(saved):
     _assert_bitwise_equal(_base_state(model), before)
 
 
+def test_adapter_key_reaching_the_patch_embedding_is_refused(saved):
+    key = "base_model.model.vit.embeddings.patch_embeddings.projection.weight"
+    _edit_weights(saved, lambda t: t.__setitem__(key, torch.zeros(32, 3, 8, 8)))
+    with pytest.raises(AdapterFileError, match=re.escape(repr(key))):
+        PeftModel.from_pretrained(tiny_vit(), saved)
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_embedding_weights_saved_by_peft_still_load_but_other_base_keys_do_not(tmp_path):
+    """PEFT's save_embedding_layers writes the base embedding with an adapter that targets it; that round trip
+    keeps working, while any other base weight in the same file is refused."""
+    model = get_peft_model(_tiny_llama(), SSFConfig(target_modules=["embed_tokens", "q_proj"], init_weights=False))
+    model.save_pretrained(tmp_path / "a")
+    saved_keys = load_file(tmp_path / "a/adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved_keys
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    reloaded = PeftModel.from_pretrained(_tiny_llama(), tmp_path / "a")
+    assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    _edit_weights(tmp_path / "a", lambda t: t.__setitem__(key, torch.zeros(16, 16)))
+    with pytest.raises(AdapterFileError, match=re.escape(repr(key))):
+        PeftModel.from_pretrained(_tiny_llama(), tmp_path / "a")
+
+
 def test_adapter_without_any_ssf_weights_fails_to_load(saved):
     _edit_weights(saved, lambda t: [t.pop(k) for k in [k for k in t if ".ssf_" in k]])
     assert load_file(saved / "adapter_model.safetensors")  # only the head is left
