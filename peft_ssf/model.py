@@ -432,7 +432,7 @@ def _embedding_keys(model: nn.Module, model_state: dict[str, torch.Tensor]) -> s
         return set()
     layers = [id(layer) for layer in found if layer is not None]
     prefixes = tuple(
-        f"{name}." for name, module in model.named_modules()
+        f"{name}." for name, module in model.named_modules(remove_duplicate=False)
         if id(module) in layers or (isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in layers)
     )
     ssf = tuple(f".{attr}." for attr in SSFLayer.adapter_layer_names)
