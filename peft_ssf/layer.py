@@ -49,6 +49,9 @@ class SSFLayer(BaseTunerLayer):
     can_absorb_shift: bool = True
     #: whether the op has weights that can absorb the scale at all
     can_merge: bool = True
+    #: whether merge keeps the whole weight for unmerge even in full precision (it absorbs the shift, so dividing it
+    #: back would cancel catastrophically for small scales; see ``_restores_by_copy``)
+    merge_keeps_weight: bool = False
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -262,7 +265,7 @@ class SSFLayer(BaseTunerLayer):
         base = self.get_base_layer()
         for pname in new_params:
             param = getattr(base, pname)
-            if pname not in copies and _restores_by_copy(param):
+            if pname not in copies and (_restores_by_copy(param) or (pname == "weight" and self.merge_keeps_weight)):
                 copies[pname] = param.detach().clone()
 
     def non_finite_adapter_params(self, adapter: str) -> list[str]:
@@ -639,6 +642,7 @@ class Embedding(_SSFModule):
     """SSF after ``nn.Embedding``: channels = embedding dim; merge rescales and shifts every row of the table."""
 
     channel_dim = -1
+    merge_keeps_weight = True  # the table absorbs the shift: E' = scale * E + shift
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         if base_layer.max_norm is not None:

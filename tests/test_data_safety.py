@@ -92,6 +92,37 @@ def test_full_precision_unmerge_still_divides_and_keeps_no_weight_copy():
         torch.testing.assert_close(after[k], before[k], rtol=2e-7, atol=0)
 
 
+class _EmbedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.out = torch.nn.Linear(16, 8)
+
+    def forward(self, ids):
+        return self.out(self.norm(self.emb(ids)))
+
+
+def test_full_precision_small_scales_restore_shift_absorbing_params_exactly():
+    """fp32, scale 1e-3 with shifts of 0.2: what absorbs a shift (biases, norm biases, an embedding table) comes back
+    bit for bit; dividing ``(E * s + shift - shift) / s`` back would not."""
+    model = get_peft_model(_EmbedNet(), SSFConfig(target_modules=["emb", "norm", "out"]))
+    _set_scales(model, 1e-3)
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(1))
+    with model.disable_adapter():
+        base_out = model(ids).detach()
+    before = _base_state(model)
+    model.merge_adapter()
+    model.unmerge_adapter()
+    after = _base_state(model)
+    for key in ("emb.base_layer.weight", "norm.base_layer.weight", "norm.base_layer.bias", "out.base_layer.bias"):
+        assert torch.equal(after[key], before[key]), key
+    torch.testing.assert_close(after["out.base_layer.weight"], before["out.base_layer.weight"], rtol=2e-7, atol=0)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids), base_out, rtol=1e-6, atol=1e-7)
+
+
 def test_merge_and_unload_keeps_no_copies():
     model = get_peft_model(tiny_vit().to(torch.bfloat16), SSFConfig(init_weights=False))
     layers = _ssf_layers(model)
