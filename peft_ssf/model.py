@@ -277,9 +277,9 @@ class SSFModel(BaseTuner):
         ``...q_proj.base_layer.weight`` would silently overwrite a frozen base weight. Refused, naming the key: keys
         that are neither this adapter's SSF parameters, nor its ``modules_to_save`` / other auxiliary modules, nor the
         input / output embedding weights that PEFT's ``save_embedding_layers`` writes (when an embedding is targeted or
-        the vocabulary was resized);
-        non-float tensors (bool, int8, ...) where the model holds floats; a file without any of the adapter's SSF
-        parameters (PEFT would only warn about missing keys and leave an identity adapter).
+        the vocabulary was resized); two keys for one parameter; non-float tensors (bool, int8, ...) where the model
+        holds floats; a file without any of the adapter's SSF parameters (PEFT would only warn about missing keys and
+        leave an identity adapter).
         """
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         model_state = model.state_dict(keep_vars=True)
@@ -293,6 +293,11 @@ class SSFModel(BaseTuner):
         allowed = ssf_keys | aux_keys | _embedding_keys(model, model_state)
         prefix = "base_model.model."
         loaded_ssf = 0
+        if len(remapped) != len(state_dict):
+            raise AdapterFileError(
+                f"The weights of SSF adapter '{adapter_name}' hold two keys for the same parameter (e.g. with and "
+                "without the adapter name). The file was not written by save_pretrained; save the adapter again."
+            )
         # PEFT's mapping keeps the order of the file's keys: messages name the key as it is in the file
         for key, (mapped, value) in zip(state_dict, remapped.items()):
             target = mapped if mapped in allowed else mapped.removeprefix(prefix)

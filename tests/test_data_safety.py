@@ -223,6 +223,15 @@ def test_adapter_key_reaching_a_base_weight_is_refused_by_load_adapter(saved):
     _assert_bitwise_equal(_base_state(model), before)
 
 
+def test_two_keys_for_one_parameter_are_refused(saved):
+    """A key with the adapter name already in it maps onto the same parameter as the saved one: refused, so no key
+    escapes the checks."""
+    key = "base_model.model.vit.layers.0.mlp.fc1.ssf_scale"
+    _edit_weights(saved, lambda t: t.__setitem__(key + ".default", torch.full_like(t[key], 9.0)))
+    with pytest.raises(AdapterFileError, match="two keys for the same parameter"):
+        PeftModel.from_pretrained(tiny_vit(), saved)
+
+
 def test_adapter_key_reaching_the_patch_embedding_is_refused(saved):
     key = "base_model.model.vit.embeddings.patch_embeddings.projection.weight"
     _edit_weights(saved, lambda t: t.__setitem__(key, torch.zeros(32, 3, 8, 8)))
