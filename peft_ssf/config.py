@@ -14,9 +14,49 @@ from typing import Any, Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .errors import UserError
+
 InitWeights = Union[bool, Literal["paper"]]
 
 _VALID_BIAS_FREE = ("scale_only", "error")
+
+#: fields that must be JSON booleans (``"false"`` is a non-empty string, so it would read as True)
+_BOOL_FIELDS = ("skip_key_shift", "allow_unmergeable", "fused", "pair_residuals", "inference_mode")
+
+#: longest adapter name accepted (PEFT has no limit; names become folder names and state-dict key parts)
+MAX_ADAPTER_NAME_LEN = 100
+
+
+class AdapterFileError(UserError, ValueError):
+    """An adapter's ``adapter_config.json`` or weights file is malformed or holds something it must not."""
+
+
+def check_adapter_name(name: object) -> None:
+    """Refuse adapter names that are unsafe as a folder name or a state-dict key part, before anything is written.
+
+    ``save_pretrained`` writes every adapter but the default one to ``<dir>/<name>``: a name with a path separator or
+    ``..`` writes outside ``<dir>`` (an absolute name replaces files elsewhere), and a very long one fails half-way
+    through the save. PyTorch also refuses ``.`` in parameter names.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"An adapter name must be a string, got {type(name).__name__} {name!r}.")
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif len(name) > MAX_ADAPTER_NAME_LEN:
+        problem = f"has {len(name)} characters (at most {MAX_ADAPTER_NAME_LEN})"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif "." in name:
+        problem = "contains '.' (it would be a path component '..' or break state-dict keys)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        problem = "contains a control character"
+    if problem is not None:
+        shown = name if len(name) <= 40 else name[:37] + "..."
+        raise ValueError(
+            f"Invalid adapter name {shown!r}: it {problem}. save_pretrained writes each adapter to a folder of that "
+            "name, so use a short plain name such as 'default' or 'task_a' (letters, digits, '_' and '-')."
+        )
 
 
 @dataclass
@@ -99,6 +139,7 @@ class SSFConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         super().__post_init__()
         self.peft_type = PeftType.SSF
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -130,6 +171,40 @@ class SSFConfig(PeftConfig):
             raise ValueError("layers_to_transform cannot be combined with a regex target_modules; use a list.")
         if self.skip_key_shift and not self.key_modules:
             warnings.warn("skip_key_shift=True but key_modules is empty: no shift will be skipped.", stacklevel=2)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _check_field_types(config: SSFConfig) -> None:
+    """Type checks for fields read from JSON, where a wrong type would otherwise be taken silently or fail later.
+
+    ``fused: "false"`` would be truthy, ``target_modules: 5`` fails deep inside PEFT with ``'int' object is not
+    iterable``; here each gets a message naming the field.
+    """
+    def bad(name: str, expected: str) -> TypeError:
+        value = getattr(config, name)
+        return TypeError(f"SSFConfig field {name!r} must be {expected}, got {type(value).__name__} {value!r}.")
+
+    for name in _BOOL_FIELDS:
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "true or false (a boolean, not a string or number)")
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, str) and not _is_str_list(value):
+            raise bad(name, "null, a regex string, or a list of module names")
+    for name in ("modules_to_save", "key_modules"):
+        value = getattr(config, name)
+        if value is not None and not _is_str_list(value):
+            raise bad(name, "null or a list of module names")
+    value = config.layers_pattern
+    if value is not None and not isinstance(value, str) and not _is_str_list(value):
+        raise bad("layers_pattern", "null, a string, or a list of strings")
+    value = config.layers_to_transform
+    ints = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if value is not None and not ints and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise bad("layers_to_transform", "null, a layer index, or a list of layer indices")
 
 
 _dataclass_init = SSFConfig.__init__
@@ -188,9 +263,59 @@ def check_adapter_files(directory: str | os.PathLike) -> None:
         raise ValueError(f"{st} contains no tensors. Save the adapter again with save_pretrained.")
 
 
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in an ``adapter_config.json``, or an ``AdapterFileError`` naming the file and the problem.
+
+    Catches what ``json.load`` lets through as tracebacks: invalid JSON, deep nesting (``RecursionError``), a file that
+    is not UTF-8, and a top level that is not an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        problem = f"is not valid JSON ({exc})"
+    except RecursionError:
+        problem = "is nested too deeply to be an adapter config"
+    except UnicodeDecodeError as exc:
+        problem = f"is not UTF-8 text ({exc.reason})"
+    else:
+        problem = None
+    if problem is not None:
+        raise AdapterFileError(f"{path} {problem}. Save the adapter again with save_pretrained.") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(
+            f"{path} must hold a JSON object (the adapter's settings), got a {type(data).__name__}. Save the adapter "
+            "again with save_pretrained."
+        )
+    return data
+
+
+def _from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+    data = read_config_file(path_json_file)
+    if not isinstance(data.get("peft_type"), str):
+        found = "has no 'peft_type'" if "peft_type" not in data else f"has peft_type {data['peft_type']!r}"
+        raise AdapterFileError(
+            f"{path_json_file} {found}: an SSF adapter config has \"peft_type\": \"SSF\". Save the adapter again "
+            "with save_pretrained."
+        )
+    if "runtime_config" in data:  # as PEFT's from_json_file: runtime settings are never read from the file
+        warnings.warn("The configuration file contains a `runtime_config` key. This is ignored.", stacklevel=2)
+        del data["runtime_config"]
+    return data
+
+
+SSFConfig.from_json_file = classmethod(_from_json_file)
+
+
 def _from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
     """Load an SSF config; refuses configs of other PEFT methods and checks a local adapter's weight file."""
-    config = PeftConfig.from_pretrained.__func__(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    try:
+        config = PeftConfig.from_pretrained.__func__(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    except (TypeError, ValueError) as exc:
+        where = Path(pretrained_model_name_or_path) / (subfolder or "") / "adapter_config.json"
+        if isinstance(exc, AdapterFileError) or not where.is_file():
+            raise
+        raise AdapterFileError(f"{where}: {exc} Fix the file or save the adapter again.") from exc
     if not isinstance(config, SSFConfig):
         raise ValueError(
             f"{pretrained_model_name_or_path} holds a {config.peft_type} adapter, not an SSF one. Load it with "

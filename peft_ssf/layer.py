@@ -30,7 +30,7 @@ from . import residual
 from .guard import _is_dtensor, assert_compiled_scales, note_compiled, refresh_sites, site_may_keep_output
 from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
 
-#: Unmerge divides by ``scale``; below this magnitude the division would blow up rounding errors.
+#: Unmerge divides full-precision weights by ``scale``; below this magnitude the division would amplify rounding.
 MIN_UNMERGE_SCALE = 1e-4
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in mixed-batch inference
@@ -49,6 +49,9 @@ class SSFLayer(BaseTunerLayer):
     can_absorb_shift: bool = True
     #: whether the op has weights that can absorb the scale at all
     can_merge: bool = True
+    #: whether merge keeps the whole weight for unmerge even in full precision (it absorbs the shift, so dividing it
+    #: back would cancel catastrophically for small scales; see ``_restores_by_copy``)
+    merge_keeps_weight: bool = False
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -249,11 +252,43 @@ class SSFLayer(BaseTunerLayer):
             param = getattr(base, pname)
             param.data.copy_(value.to(param.dtype))
 
+    def _keep_premerge(self, new_params: dict[str, torch.Tensor]) -> None:
+        """Before the first merge writes, keep the parameters that unmerge could not restore by dividing (see
+        ``_restores_by_copy``). ``merge_and_unload`` keeps nothing: no unmerge can follow it."""
+        if self.__dict__.get("_ssf_unloading", False):
+            return
+        if not self.merged_adapters:
+            self.__dict__["_ssf_premerge"] = {}
+        copies = self.__dict__.setdefault("_ssf_premerge", {})
+        base = self.get_base_layer()
+        for pname in new_params:
+            param = getattr(base, pname)
+            if pname not in copies and (_restores_by_copy(param) or (pname == "weight" and self.merge_keeps_weight)):
+                copies[pname] = param.detach().clone()
+
+    def non_finite_adapter_params(self, adapter: str) -> list[str]:
+        """Which of ``adapter``'s parameters (``ssf_scale``, ``ssf_shift``) hold NaN or Inf."""
+        return [
+            attr for attr in self.adapter_layer_names
+            if adapter in getattr(self, attr) and not torch.isfinite(getattr(self, attr)[adapter].detach()).all()
+        ]
+
+    def non_finite_merged_params(self, adapter: str) -> list[str]:
+        """Base-layer parameters that would hold NaN or Inf after merging ``adapter``, checked in their own dtype
+        (an fp16 weight times 1e6 is finite in float32 and Inf once stored)."""
+        base = self.get_base_layer()
+        merged = self._merged_params(*self._adapter_tensors(adapter, self._compute_dtype()))
+        return [k for k, v in merged.items() if not torch.isfinite(v.to(getattr(base, k).dtype)).all()]
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Fold the active (or given) adapters into the base layer's weights, in order.
 
+        Adapters with a NaN / Inf scale or shift are refused before anything is written. Parameters that unmerge
+        cannot restore by division (per-channel vectors, half-precision weights) are kept until unmerge.
+
         Args:
-            safe_merge: compute the merged weights first and refuse (leaving the layer untouched) if any is NaN/Inf.
+            safe_merge: compute the merged weights first and refuse (leaving the layer untouched) if any is NaN/Inf
+                in the parameter's dtype.
             adapter_names: adapters to merge; default: the active ones.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -264,41 +299,59 @@ class SSFLayer(BaseTunerLayer):
                 f"Cannot merge SSF into {self.get_base_layer()!r}: it has no affine weight and bias to absorb the "
                 "scale and shift. Keep the model unmerged, or exclude this module (exclude_modules) and retrain."
             )
+        names = [name for name in adapter_names if name in self.ssf_scale]
+        layer_type = type(self.get_base_layer()).__name__
+        for name in names:
+            bad = self.non_finite_adapter_params(name)
+            if bad:
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {name} seems to be broken: its "
+                    f"{' and '.join(bad)} on {layer_type} hold NaN or Inf. Nothing was merged into this layer."
+                )
         cdtype = self._compute_dtype()
-        for name in adapter_names:
-            if name not in self.ssf_scale:
-                continue
+        base = self.get_base_layer()
+        for name in names:
             scale, shift = self._adapter_tensors(name, cdtype)
             new_params = self._merged_params(scale, shift)
             if safe_merge:
-                bad = [p for p, v in new_params.items() if not torch.isfinite(v).all()]
+                bad = [p for p, v in new_params.items() if not torch.isfinite(v.to(getattr(base, p).dtype)).all()]
                 if bad:
                     raise ValueError(
                         f"NaNs detected in the merged weights. The adapter {name} seems to be broken: NaN or Inf in "
-                        f"the merged {', '.join(bad)} of {type(self.get_base_layer()).__name__}. Nothing was merged "
-                        "into this layer."
+                        f"the merged {', '.join(bad)} of {layer_type} (in its dtype). Nothing was merged into this "
+                        "layer."
                     )
+            self._keep_premerge(new_params)
             self._write_params(new_params)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Undo ``merge`` (in reverse order). Refuses when a scale is too close to zero to divide by."""
+        """Undo every merge: kept parameters are restored bit for bit, the others are divided by the scales (in
+        reverse order). Refuses, before writing anything, when such a division needs a scale near zero."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
+        base = self.get_base_layer()
+        copies = self.__dict__.get("_ssf_premerge", {})
+        written = [k for k in ("weight", "bias") if isinstance(getattr(base, k, None), torch.Tensor)]
+        divided = [k for k in written if k not in copies]
         cdtype = self._compute_dtype()
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            scale, shift = self._adapter_tensors(name, cdtype)
-            smallest = scale.abs().min().item()
-            if smallest < MIN_UNMERGE_SCALE:
-                raise ValueError(
-                    f"Cannot unmerge SSF adapter '{name}' from {type(self.get_base_layer()).__name__}: a scale is "
-                    f"{smallest:.3g} (< {MIN_UNMERGE_SCALE}), dividing by it would not restore the weights. "
-                    "Reload the base model instead."
-                )
-            self._write_params(self._unmerged_params(scale, shift))
-            self.merged_adapters.pop()
+        if divided:
+            for name in self.merged_adapters:
+                smallest = self.ssf_scale[name].detach().abs().min().item()
+                if smallest < MIN_UNMERGE_SCALE:
+                    raise ValueError(
+                        f"Cannot unmerge SSF adapter '{name}' from {type(base).__name__}: a scale is {smallest:.3g} "
+                        f"(< {MIN_UNMERGE_SCALE}), dividing by it would not restore the weights. Reload the base "
+                        "model instead."
+                    )
+            for name in reversed(self.merged_adapters):
+                restored = self._unmerged_params(*self._adapter_tensors(name, cdtype))
+                self._write_params({k: restored[k] for k in divided})
+        for pname, original in copies.items():
+            getattr(base, pname).data.copy_(original)
+        self.merged_adapters.clear()
+        self.__dict__.pop("_ssf_premerge", None)
 
     def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
         """The merged parameters minus the current ones, per parameter name (for inspection)."""
@@ -306,6 +359,17 @@ class SSFLayer(BaseTunerLayer):
         scale, shift = self._adapter_tensors(adapter, cdtype)
         base = self.get_base_layer()
         return {k: v - getattr(base, k).detach().to(cdtype) for k, v in self._merged_params(scale, shift).items()}
+
+
+def _restores_by_copy(param: torch.Tensor) -> bool:
+    """Whether merge keeps ``param``'s original for unmerge instead of dividing by the scale later.
+
+    Per-channel vectors always (as small as the adapter; a bias divides back as ``(b * s + shift - shift) / s``, which
+    cancels catastrophically for small scales), and whole weights stored in less than 32 bits: bf16 keeps 8 bits of
+    mantissa, so ``round(round(W * s) / s)`` is not ``W`` (a bf16 ViT's logits moved 40% after merge + unmerge at
+    scale 1e-3). Full-precision weights are divided: one rounding each way, whatever the scale.
+    """
+    return param.dim() <= 1 or torch.finfo(param.dtype).bits < 32
 
 
 def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
@@ -579,6 +643,7 @@ class Embedding(_SSFModule):
     """SSF after ``nn.Embedding``: channels = embedding dim; merge rescales and shifts every row of the table."""
 
     channel_dim = -1
+    merge_keeps_weight = True  # the table absorbs the shift: E' = scale * E + shift
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
         if base_layer.max_norm is not None:

@@ -14,7 +14,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from . import guard, residual
-from .config import SSFConfig
+from .config import AdapterFileError, SSFConfig, check_adapter_name
 from .guard import _is_dtensor
 from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
 from .presets import _examples, resolve_preset, supported_module_names
@@ -44,6 +44,12 @@ class SSFModel(BaseTuner):
     target_module_mapping: dict[str, list[str]] = {}
 
     # ----- config / targets -------------------------------------------------------------------------------------
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, after refusing an unsafe adapter name (every way a name enters: ``get_peft_model``,
+        ``add_adapter``, ``load_adapter``, ``PeftModel.from_pretrained``, transformers' ``load_adapter``)."""
+        check_adapter_name(adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+
     def _prepare_adapter_config(self, peft_config: SSFConfig, model_config: dict) -> SSFConfig:
         # Targets are resolved in _prepare_model, which (unlike this hook) can see the modules.
         return peft_config
@@ -59,28 +65,34 @@ class SSFModel(BaseTuner):
         peft_config.preset = None  # resolved: the saved config lists the exact modules
 
     def _check_targets_exist(self, config: SSFConfig, model: nn.Module) -> None:
-        """Name the model type and some candidates when a target matches no module at all (typos, renames)."""
+        """Name the model type and some candidates when a target matches no module at all (typos, renames).
+
+        A list of targets is matched in linear time (against every dotted suffix of every module name), and entries
+        that match no module are dropped from the config: PEFT's ``_find_minimal_target_modules``, which runs next on
+        lists of 20 or more, is quadratic in the list's length (100,001 entries would take hours).
+        """
         names = [n for n, _ in model.named_modules() if n]
         targets = config.target_modules
         if isinstance(targets, str):
             unmatched = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
         else:
-            unmatched = sorted(t for t in targets if not any(n == t or n.endswith("." + t) for n in names))
+            suffixes = {".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(len(parts))}
+            unmatched = sorted(t for t in targets if t not in suffixes)
         if not unmatched:
             return
         model_type = self.get_model_config(model).get("model_type")
         hint = f"Modules SSF supports in this {model_type} model include: {_examples(supported_module_names(model))}"
+        shown = targets if isinstance(targets, str) else _shorten(unmatched)
         if isinstance(targets, str) or len(unmatched) == len(targets):
             raise ValueError(
-                f"SSF target_modules {sorted(unmatched) if not isinstance(targets, str) else targets!r} match no "
-                f"module of the model (model_type {model_type!r}). {hint}. Or pass target_modules=None to use the "
-                "preset for this model type."
+                f"SSF target_modules {shown} match no module of the model (model_type {model_type!r}). {hint}. Or "
+                "pass target_modules=None to use the preset for this model type."
             )
         warnings.warn(
-            f"SSF target_modules {unmatched} match no module of the {model_type} model; the other targets are "
-            "adapted.",
+            f"SSF target_modules {shown} match no module of the {model_type} model; the other targets are adapted.",
             stacklevel=3,
         )
+        config.target_modules = set(targets) - set(unmatched)
 
     # ----- module creation ----------------------------------------------------------------------------------------
     def _create_and_replace(
@@ -187,25 +199,45 @@ class SSFModel(BaseTuner):
         return [(n, m) for n, m in self.model.named_modules() if isinstance(m, SSFLayer)]
 
     def _precheck_merge(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
-        """Validate every layer before any weight is written, so a failed merge leaves the model untouched."""
-        problems = []
+        """Validate every layer before any weight is written, so a failed merge leaves the model untouched.
+
+        Always: the layer can absorb SSF, and the adapter's scales and shifts are finite. With ``safe_merge``: every
+        merged weight is finite once cast to the parameter's own dtype (an fp16 weight times 1e6 overflows only
+        there), and so is every ``modules_to_save`` module that the merge puts into the model.
+        """
+        problems: list[tuple[str, str]] = []  # (adapter or "", what)
         for name, layer in self._ssf_layers():
             adapters = adapter_names if adapter_names is not None else layer.active_adapters
             adapters = [a for a in adapters if a in layer.ssf_scale and a not in layer.merged_adapters]
             if not adapters:
                 continue
             if not layer.can_merge:
-                problems.append(f"{name}: {type(layer.get_base_layer()).__name__} without affine parameters")
+                problems.append(("", f"{name}: {type(layer.get_base_layer()).__name__} without affine parameters"))
                 continue
-            if safe_merge:
-                for adapter in adapters:
-                    for key, value in layer.get_delta_weight(adapter).items():
-                        if not torch.isfinite(value).all():
-                            problems.append(f"{name}.{key}: NaN/Inf after merging adapter '{adapter}'")
+            for adapter in adapters:
+                bad = layer.non_finite_adapter_params(adapter)
+                if bad:
+                    problems.append((adapter, f"{name}.{'/'.join(bad)}['{adapter}']: NaN/Inf in the adapter"))
+                elif safe_merge:
+                    for key in layer.non_finite_merged_params(adapter):
+                        problems.append((adapter, f"{name}.{key}: NaN/Inf after merging adapter '{adapter}'"))
+        if safe_merge:
+            for name, module in self.model.named_modules():
+                if not isinstance(module, AuxiliaryTrainingWrapper) or not hasattr(module, "modules_to_save"):
+                    continue
+                wanted = adapter_names if adapter_names is not None else module.active_adapters
+                for adapter in [a for a in wanted if a in module.modules_to_save]:
+                    bad = [k for k, v in module.modules_to_save[adapter].state_dict().items()
+                           if v.is_floating_point() and not torch.isfinite(v).all()]
+                    if bad:
+                        what = f"{name} (modules_to_save '{adapter}'): NaN/Inf in {', '.join(bad)}"
+                        problems.append((adapter, what))
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-            # keep PEFT's phrase for NaN merges, so code written against PEFT's error still matches
-            nan = "NaNs detected in the merged weights. " if any("NaN/Inf" in p for p in problems) else ""
+            whats = [what for _, what in problems]
+            shown = "; ".join(whats[:5]) + (f"; ... ({len(whats)} in all)" if len(whats) > 5 else "")
+            broken = next((adapter for adapter, _ in problems if adapter), None)
+            # PEFT's exact message first, so code and tests written against PEFT's error still match
+            nan = f"NaNs detected in the merged weights. The adapter {broken} seems to be broken. " if broken else ""
             raise ValueError(f"{nan}Refusing to merge SSF, no weight was changed: {shown}.")
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
@@ -222,9 +254,75 @@ class SSFModel(BaseTuner):
     ) -> nn.Module:
         if merge:
             self._precheck_merge(adapter_names, safe_merge)
-        return super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        layers = [layer for _, layer in self._ssf_layers()]
+        for layer in layers:
+            layer._ssf_unloading = True  # no unmerge can follow: merge keeps no copy of the weights it overwrites
+        try:
+            return super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            )
+        finally:
+            for layer in layers:
+                layer._ssf_unloading = False
+                layer.__dict__.pop("_ssf_premerge", None)
+
+    # ----- loading ------------------------------------------------------------------------------------------------
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SSFConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key mapping, then refuse what an SSF adapter file must not hold, before anything is loaded.
+
+        ``set_peft_model_state_dict`` loads with ``strict=False`` into the whole model, so without this a key such as
+        ``...q_proj.base_layer.weight`` would silently overwrite a frozen base weight. Refused, naming the key: keys
+        that are neither this adapter's SSF parameters, nor its ``modules_to_save`` / other auxiliary modules, nor the
+        input / output embedding weights that PEFT's ``save_embedding_layers`` writes (when an embedding is targeted or
+        the vocabulary was resized); two keys for one parameter; non-float tensors (bool, int8, ...) where the model
+        holds floats; a file without any of the adapter's SSF parameters (PEFT would only warn about missing keys and
+        leave an identity adapter).
+        """
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        model_state = model.state_dict(keep_vars=True)
+        ssf_suffixes = tuple(f".{attr}.{adapter_name}" for attr in SSFLayer.adapter_layer_names)
+        ssf_keys = {key for key in model_state if key.endswith(ssf_suffixes)}
+        aux_keys = set()
+        for name, module in model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                name = name.removeprefix("_fsdp_wrapped_module.")
+                aux_keys |= {f"{name}.{v}" for v in module.adapter_state_dict_load_map(adapter_name).values()}
+        allowed = ssf_keys | aux_keys | _embedding_keys(model, model_state)
+        prefix = "base_model.model."
+        loaded_ssf = 0
+        if len(remapped) != len(state_dict):
+            raise AdapterFileError(
+                f"The weights of SSF adapter '{adapter_name}' hold two keys for the same parameter (e.g. with and "
+                "without the adapter name). The file was not written by save_pretrained; save the adapter again."
+            )
+        # PEFT's mapping keeps the order of the file's keys: messages name the key as it is in the file
+        for key, (mapped, value) in zip(state_dict, remapped.items()):
+            target = mapped if mapped in allowed else mapped.removeprefix(prefix)
+            if target not in allowed:
+                raise AdapterFileError(
+                    f"The weights of SSF adapter '{adapter_name}' hold {key!r}, which is not an SSF parameter or a "
+                    "modules_to_save module of this adapter: loading it would overwrite the frozen base model. Remove "
+                    "that key from the adapter file (only ssf_scale / ssf_shift and modules_to_save weights belong "
+                    "there)."
+                )
+            expected = model_state[target]
+            if isinstance(value, torch.Tensor) and expected.is_floating_point() and not value.is_floating_point():
+                raise AdapterFileError(
+                    f"The weights of SSF adapter '{adapter_name}' hold {key!r} as {value.dtype}, where the model "
+                    f"holds {expected.dtype} values. The adapter file is damaged or was not written by "
+                    "save_pretrained; save it again."
+                )
+            loaded_ssf += target in ssf_keys
+        if ssf_keys and not loaded_ssf:
+            raise AdapterFileError(
+                f"The weights of SSF adapter '{adapter_name}' contain none of its {len(ssf_keys)} SSF parameters "
+                "(ssf_scale / ssf_shift): the file was not written for this adapter config or was stripped. Save the "
+                "adapter again with save_pretrained."
+            )
+        return remapped
 
     # ----- training forward ------------------------------------------------------------------------------------
     def _pairs_residuals(self) -> bool:
@@ -323,6 +421,33 @@ class SSFModel(BaseTuner):
             raise ValueError(
                 f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Known: {sorted(known)}."
             )
+
+
+def _embedding_keys(model: nn.Module, model_state: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict keys of the input / output embeddings (SSF keys excluded): PEFT's ``save_embedding_layers`` saves
+    these base weights with an adapter when an embedding is targeted or was resized, and loads them back."""
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):
+            layer = None
+        found.append(layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer)
+    if not isinstance(found[0], nn.Embedding):  # a vocabulary (text models) only: not e.g. ViT's patch embedding
+        return set()
+    layers = [id(layer) for layer in found if layer is not None]
+    prefixes = tuple(
+        f"{name}." for name, module in model.named_modules(remove_duplicate=False)
+        if id(module) in layers or (isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in layers)
+    )
+    ssf = tuple(f".{attr}." for attr in SSFLayer.adapter_layer_names)
+    return {k for k in model_state if prefixes and k.startswith(prefixes) and not any(a in k for a in ssf)}
+
+
+def _shorten(names: list[str], limit: int = 10) -> str:
+    """``['a', 'b', ...]`` with at most ``limit`` names and the total, for messages about very long lists."""
+    head = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in names[:limit])
+    return f"[{head}]" if len(names) <= limit else f"[{head}, ... ({len(names)} in all)]"
 
 
 def _hooks_of(module: nn.Module) -> list[Any]:

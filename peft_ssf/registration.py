@@ -71,6 +71,7 @@ def register() -> None:
     from .model import SSFModel
 
     with _LOCK:
+        _install_config_type_check()
         member = _add_enum_member(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_NAME)
         owner_cfg = PEFT_TYPE_TO_CONFIG_MAPPING.get(member)
         owner_tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(member)
@@ -95,6 +96,40 @@ def register() -> None:
                     "SSF needs it to find its parameters in state dicts."
                 )
         register_peft_method(name=METHOD_NAME, config_cls=SSFConfig, model_cls=SSFModel, prefix=PREFIX)
+
+
+def _install_config_type_check() -> None:
+    """Make ``PeftConfig._get_peft_type`` (PEFT's first read of a local ``adapter_config.json``, in
+    ``PeftModel.from_pretrained`` / ``load_adapter``) report a malformed file by name instead of with ``KeyError:
+    'peft_type'``, ``JSONDecodeError`` or ``RecursionError``. Valid files and Hub ids go through PEFT's code unchanged;
+    installed once."""
+    import os
+
+    from peft.config import PeftConfigMixin
+    from peft.utils import CONFIG_NAME
+
+    from .config import AdapterFileError, read_config_file
+
+    original = PeftConfigMixin.__dict__["_get_peft_type"].__func__
+    if getattr(original, "_ssf_checked", False):
+        return
+
+    def _get_peft_type(cls, model_id: str, **hf_hub_download_kwargs):
+        subfolder = hf_hub_download_kwargs.get("subfolder", None)
+        path = os.path.join(model_id, subfolder) if subfolder is not None else model_id
+        config_file = os.path.join(path, CONFIG_NAME)
+        if os.path.isfile(config_file):
+            peft_type = read_config_file(config_file).get("peft_type")
+            if not isinstance(peft_type, str):
+                found = "has no 'peft_type'" if peft_type is None else f"has peft_type {peft_type!r}"
+                raise AdapterFileError(
+                    f"{config_file} {found}: PEFT needs the adapter's method there (e.g. \"peft_type\": \"SSF\"). "
+                    "Save the adapter again with save_pretrained."
+                )
+        return original(cls, model_id, **hf_hub_download_kwargs)
+
+    _get_peft_type._ssf_checked = True
+    PeftConfigMixin._get_peft_type = classmethod(_get_peft_type)
 
 
 def _same_class(a: object, b: type) -> bool:

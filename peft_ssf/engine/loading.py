@@ -9,7 +9,6 @@ as saved).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -58,7 +57,9 @@ def resolve_base(adapter_dir: Path, base: Optional[PathLike] = None) -> str:
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise AdapterLoadError(f"{adapter_dir} has no adapter_config.json: is it a directory written by "
                                "save_pretrained?")
-    recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    from ..config import read_config_file  # a malformed file gets a UserError naming it (issue 25 item 12)
+
+    recorded = read_config_file(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
     if not recorded:
         raise AdapterLoadError(f"{adapter_dir}/adapter_config.json records no base model: pass --base PATH_OR_ID")
     beside = Path(adapter_dir) / recorded
