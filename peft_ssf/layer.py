@@ -354,8 +354,26 @@ class _SSFModule(nn.Module, SSFLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return SSFLayer.forward(self, x, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # models read their layers' hyper-parameters (MobileNetV2's "same" padding reads conv.stride / kernel_size)
+            if name in _FORWARDED_ATTRIBUTES and "base_layer" in self._modules:
+                return getattr(self._modules["base_layer"], name)
+            raise
+
     def __repr__(self) -> str:
         return "ssf." + super().__repr__()
+
+
+#: base-layer hyper-parameters a wrapper answers for its base layer (never weights: PEFT and transformers test
+#: ``hasattr(module, "weight")`` to tell wrappers from base layers)
+_FORWARDED_ATTRIBUTES = frozenset({
+    "stride", "padding", "dilation", "groups", "kernel_size", "in_channels", "out_channels", "padding_mode",
+    "transposed", "output_padding", "normalized_shape", "eps", "num_features", "num_groups", "momentum", "affine",
+    "track_running_stats", "embedding_dim", "num_embeddings", "padding_idx", "max_norm", "nf", "data_format",
+})
 
 
 class _FoldIntoWeightAndBias:

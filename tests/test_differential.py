@@ -8,10 +8,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from differential import check, draw_spec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from differential import check, draw_spec
 
 #: examples per CI run: bounded so that the test stays under a minute on 2 cores; derandomized so CI is repeatable
 CI_EXAMPLES = 25
