@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import differential  # noqa: E402
 from differential import Mismatch, check, draw_spec  # noqa: E402
 
 
@@ -27,6 +28,7 @@ def main() -> int:
     args = parser.parse_args()
     counts = {"tried": 0, "passed": 0, "refused": 0, "failed": 0}
     failures = []
+    reasons: dict[str, int] = {}
     for i in range(args.examples):
         rng = random.Random(args.seed * 1_000_003 + i)
         spec = draw_spec(lambda name, options, rng=rng: rng.choice(options))
@@ -34,7 +36,11 @@ def main() -> int:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                counts[check(spec)] += 1
+                verdict = check(spec)
+            counts[verdict] += 1
+            if verdict == "refused":
+                reason = differential.last_refusal[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
         except Mismatch as exc:
             counts["failed"] += 1
             failures.append((str(exc), spec))
@@ -43,6 +49,8 @@ def main() -> int:
             failures.append((f"{type(exc).__name__}: {exc}", spec))
     for message, spec in failures:
         print(f"FAILED {message}\n  spec = {json.dumps(spec)}")
+    for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        print(f"refused {n:4d}x  {reason}")
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
     return 1 if failures else 0
 

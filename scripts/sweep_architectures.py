@@ -1,6 +1,6 @@
 """Architecture sweep: SSF on tiny transformers models built from configs (no downloads).
 
-For each architecture: ``get_peft_model`` with the preset (``"paper"`` where the model type has one, else ``"all"``),
+For each architecture: ``get_peft_model`` with the preset (``"paper"`` where the model type has one, and ``"all"``),
 one training step with the default op and with ``fused=False`` (every trainable parameter's gradient compared),
 merge equality, and a save / reload in a new process. ``--write-docs`` writes docs/architectures.md.
 
@@ -134,30 +134,33 @@ def _logits(out: Any) -> torch.Tensor:
     return out[0]
 
 
-def config_for(name: str, **extra: Any) -> SSFConfig:
+def config_for(name: str, placement: str | None = None, **extra: Any) -> SSFConfig:
     model_type = build(name).config.model_type
-    preset = "paper" if model_type in PAPER_ROLES else "all"
+    preset = placement or ("paper" if model_type in PAPER_ROLES else "all")
     kind = ARCHS[name][3]
     save = ["classifier"] if kind in ("image", "text") else None
     return SSFConfig(preset=preset, init_weights=False, modules_to_save=save, **extra)
 
 
-def sweep_one(name: str, reload: bool = True) -> dict[str, Any]:
-    """One architecture: sites, parameters, and the result (``ok``, ``refused: ...`` or ``FAILED: ...``)."""
+def sweep_one(name: str, reload: bool = True, placement: str | None = None) -> dict[str, Any]:
+    """One architecture: sites, parameters, and the result (``ok``, ``refused: ...`` or ``FAILED: ...``).
+
+    ``placement``: ``"paper"`` / ``"all"``; default: the paper preset where the model type has one, else ``"all"``.
+    """
     row: dict[str, Any] = {"arch": name, "sites": 0, "params": 0}
     x = inputs(name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fused = get_peft_model(build(name), config_for(name))
-            naive = get_peft_model(build(name), config_for(name, fused=False))
+            fused = get_peft_model(build(name), config_for(name, placement))
+            naive = get_peft_model(build(name), config_for(name, placement, fused=False))
     except (ValueError, TypeError) as exc:
         row["result"] = f"refused: {str(exc)[:120]}"
         return row
     naive.load_state_dict(fused.state_dict())
     row["sites"] = sum(1 for _, m in fused.named_modules() if hasattr(m, "ssf_scale"))
     row["params"] = sum(p.numel() for n, p in fused.named_parameters() if "ssf_" in n)
-    row["preset"] = "paper" if fused.config.model_type in PAPER_ROLES else "all"
+    row["preset"] = placement or ("paper" if fused.config.model_type in PAPER_ROLES else "all")
     try:
         for model in (fused, naive):
             model.train()
@@ -234,11 +237,13 @@ def main() -> int:
     names = [n for n in ARCHS if not args.only or n in args.only.split(",")]
     rows = []
     for name in names:
-        row = sweep_one(name)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        placements = [None] + (["all"] if build(name).config.model_type in PAPER_ROLES else [])
+        for placement in placements:  # the model type's preset, and "all" as well where that is a different one
+            row = sweep_one(name, placement=placement)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     counts = {k: sum(r["result"].startswith(k) for r in rows) for k in ("ok", "refused", "FAILED")}
-    print(f"architectures={len(rows)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+    print(f"architectures={len(names)} runs={len(rows)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
     if args.write_docs:
         write_docs(rows)
     return 1 if counts["FAILED"] else 0

@@ -185,6 +185,15 @@ def _names(model: nn.Module) -> list[str]:
     return names + (["out_proj"] if model.spec["tie"] else [])
 
 
+#: why the last ``check`` returned "refused" (where, and the error's first words), for the search's summary
+last_refusal: list[str] = [""]
+
+
+def _refused(where: str, exc: BaseException) -> str:
+    last_refusal[0] = f"{where}: {str(exc)[:70]}"
+    return "refused"
+
+
 def _clear(exc: BaseException) -> bool:
     return "ssf" in str(exc).lower()
 
@@ -246,7 +255,7 @@ def check(spec: dict[str, Any]) -> str:
     except (ValueError, TypeError) as exc:
         if not _clear(exc):
             raise Mismatch(f"get_peft_model failed without naming SSF: {exc!r}") from exc
-        return "refused"
+        return _refused("get_peft_model", exc)
     fused = _build(spec, copy.deepcopy(base), fused=True)
     fused.load_state_dict(naive.state_dict())
     half = spec["precision"] != "fp32"
@@ -272,11 +281,11 @@ def check(spec: dict[str, Any]) -> str:
                     out = model(x.double() if model is ref and x.is_floating_point() else x)
                 out.double().square().mean().backward()
             except RuntimeError as exc:
-                if model is not fused:
-                    return "refused"  # the model itself cannot train (e.g. autograd refuses an in-place change)
+                if model is not fused:  # the model itself cannot train (autograd refuses an in-place change)
+                    return _refused("the model itself (fused=False)", exc)
                 if not _clear(exc):
                     raise Mismatch(f"fused training failed without naming SSF: {exc!r}") from exc
-                return "refused"
+                return _refused("fused training", exc)
             outs.append(out)
         _compare(f"step {step} output", outs[1], outs[0], outs[2] if half else None, rtol)
         grads = [dict(m.named_parameters()) for m in models]
@@ -320,7 +329,7 @@ def check(spec: dict[str, Any]) -> str:
     except ValueError as exc:
         if not _clear(exc):
             raise Mismatch(f"merge failed without naming SSF: {exc!r}") from exc
-        return "refused"
+        return _refused("merge", exc)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         _close("merged output", merged(x), expected, merge_rtol)
     return "passed"

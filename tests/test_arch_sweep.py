@@ -29,3 +29,13 @@ def test_architecture(name):
         row = sweep_one(name, reload=name in CI_RELOAD)
     assert row["result"] == "ok", row
     assert row["sites"] > 0 and row["params"] > 0
+
+
+@pytest.mark.parametrize("name", ["swin", "convnext"])
+def test_architecture_all_preset(name):
+    """Where the paper preset exists, ``preset="all"`` adapts more (Swin's patch merging, ConvNeXt's downsampling)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        paper, everything = sweep_one(name, reload=False), sweep_one(name, reload=False, placement="all")
+    assert everything["result"] == "ok", everything
+    assert everything["sites"] > paper["sites"]
