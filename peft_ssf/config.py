@@ -74,12 +74,16 @@ class SSFConfig(PeftConfig):
             backbone). Only used when ``target_modules`` is ``None``.
         exclude_modules: module names / regex that must not be adapted.
         layers_to_transform / layers_pattern: restrict adaptation to some layer indices (PEFT semantics).
-        modules_to_save: extra modules trained fully and saved with the adapter (e.g. ``["classifier"]``).
+        modules_to_save: extra modules trained fully and saved with the adapter (e.g. ``["classifier"]``). Frozen
+            BatchNorms run on their stored statistics during training (updates would not be saved); a BatchNorm
+            listed here is trained and saved with its statistics.
         init_weights: ``True`` (default) starts at the identity (scale 1, shift 0) so a fresh adapter leaves the
             model unchanged; ``"paper"`` draws scale ~ N(1, 0.02) and shift ~ N(0, 0.02) as the official code does;
             ``False`` draws a clearly non-identity adapter (scale ~ N(1, 0.2), shift ~ N(0, 0.2)), for tests.
-        skip_key_shift: do not create the shift of key projections. It has exactly zero gradient (softmax ignores
-            a per-query constant), so it is dead weight: 9,216 parameters on ViT-B/16.
+        skip_key_shift: do not create the shift of key projections. Without rotary position embeddings it has
+            exactly zero gradient (softmax ignores a per-query constant), so it is dead weight: 9,216 parameters on
+            ViT-B/16. Refused on models with rotary embeddings (LLaMA, Qwen2, ...), which rotate the key per position:
+            there the shift has a gradient.
         key_modules: dotted-name suffixes that identify key projections for ``skip_key_shift``. The default covers
             every naming the presets match: ``k_proj`` (transformers 5.x) and any module named ``key``
             (``attention.attention.key``, ``attention.self.key``, ``attn.key`` in transformers 4.x and others).
@@ -308,7 +312,12 @@ SSFConfig.from_json_file = classmethod(_from_json_file)
 
 
 def _from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-    """Load an SSF config; refuses configs of other PEFT methods and checks a local adapter's weight file."""
+    """Load an SSF config; refuses configs of other PEFT methods and checks a local adapter's weight file.
+
+    A folder written by ``SSFConfig.save_pretrained`` holds only the config and loads like LoRA's. The weight file is
+    checked when there is one, and when the folder is an adapter's (``PeftModel.save_pretrained`` writes
+    ``inference_mode: true``), so that ``PeftModel.from_pretrained`` names a missing or damaged file.
+    """
     try:
         config = PeftConfig.from_pretrained.__func__(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -322,7 +331,8 @@ def _from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optiona
             "peft.PeftModel.from_pretrained / PeftConfig.from_pretrained instead of SSFConfig."
         )
     local = Path(pretrained_model_name_or_path) / (subfolder or "")
-    if local.is_dir():
+    has_weights = any((local / f).exists() for f in ("adapter_model.safetensors", "adapter_model.bin"))
+    if local.is_dir() and (has_weights or config.inference_mode):
         check_adapter_files(local)
     return config
 

@@ -211,10 +211,16 @@ class SSFLayer(BaseTunerLayer):
         out = self.base_layer(x, *args, **kwargs)
         self._check_output(out)
         n_samples, lead = len(adapter_names), out.shape[0]
-        if n_samples == 0 or lead % n_samples != 0:
+        batch = self._input_batch(x, n_samples)
+        if batch == 1 and n_samples > 1:  # one row shared by every sample (a position embedding): give each its own
+            out, lead = out.expand(n_samples, *out.shape[1:]), n_samples
+        if n_samples == 0 or lead % n_samples != 0 or batch not in (None, 1, n_samples):
+            site = getattr(self, "ssf_site_name", type(self.get_base_layer()).__name__)
             raise ValueError(
-                f"Mixed-batch inference got {n_samples} adapter_names, but this layer's output has leading "
-                f"dimension {lead}, which is not a multiple of it. Pass one adapter name per input sample."
+                f"Mixed-batch inference got {n_samples} adapter_names, but the output of SSF layer '{site}' has shape "
+                f"{tuple(out.shape)}, whose leading dimension is not the batch (a table shared by all samples, such "
+                "as T5's relative attention bias). Exclude this module from the adapter to use adapter_names, or run "
+                "one adapter per batch."
             )
         wide = torch.promote_types(out.dtype, torch.float32)
         scales = torch.ones(n_samples, self.num_channels, device=out.device, dtype=wide)
@@ -234,6 +240,11 @@ class SSFLayer(BaseTunerLayer):
         scales = scales.view(shape).to(out.dtype)
         shifts = shifts.view(shape).to(out.dtype)
         return torch.addcmul(shifts, out, scales)
+
+    def _input_batch(self, x: Any, n_samples: int) -> Optional[int]:
+        """The batch size the input shows when it can be read off exactly (lookups), else None (the output's
+        leading dim is taken as the batch, or the batch folded into it)."""
+        return None
 
     # ----- merge / unmerge --------------------------------------------------------------------------------------
     def _adapter_tensors(self, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -407,8 +418,26 @@ class _SSFModule(nn.Module, SSFLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return SSFLayer.forward(self, x, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # models read their layers' hyper-parameters (MobileNetV2's "same" padding reads conv.stride / kernel_size)
+            if name in _FORWARDED_ATTRIBUTES and "base_layer" in self._modules:
+                return getattr(self._modules["base_layer"], name)
+            raise
+
     def __repr__(self) -> str:
         return "ssf." + super().__repr__()
+
+
+#: base-layer hyper-parameters a wrapper answers for its base layer (never weights: PEFT and transformers test
+#: ``hasattr(module, "weight")`` to tell wrappers from base layers)
+_FORWARDED_ATTRIBUTES = frozenset({
+    "stride", "padding", "dilation", "groups", "kernel_size", "in_channels", "out_channels", "padding_mode",
+    "transposed", "output_padding", "normalized_shape", "eps", "num_features", "num_groups", "momentum", "affine",
+    "track_running_stats", "embedding_dim", "num_embeddings", "padding_idx", "max_norm", "nf", "data_format",
+})
 
 
 class _FoldIntoWeightAndBias:
@@ -654,6 +683,16 @@ class Embedding(_SSFModule):
 
     def _num_channels(self) -> int:
         return self.get_base_layer().embedding_dim
+
+    def _input_batch(self, x: Any, n_samples: int) -> Optional[int]:
+        """A lookup's output has the index tensor's shape plus channels: its leading dim is the batch only when the
+        indices have one (``[B, T]``); ``[1, T]`` position ids are shared by all samples; other index shapes (T5's
+        ``[q, k]`` relative-position buckets) have no batch dim at all."""
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
+            return -1
+        if x.dim() == 1:
+            return n_samples if x.shape[0] == n_samples else -1
+        return int(x.shape[0])
 
     def _features(self) -> tuple[int, int]:
         return self.get_base_layer().num_embeddings, self.num_channels

@@ -17,7 +17,14 @@ from . import guard, residual
 from .config import AdapterFileError, SSFConfig, check_adapter_name
 from .guard import _is_dtensor
 from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
-from .presets import _examples, resolve_preset, supported_module_names
+from .presets import (
+    PresetError,
+    _examples,
+    in_modules,
+    resolve_preset,
+    shared_parameter_owners,
+    supported_module_names,
+)
 
 
 def _inject_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -43,6 +50,41 @@ class SSFModel(BaseTuner):
     tuner_layer_cls = SSFLayer
     target_module_mapping: dict[str, list[str]] = {}
 
+    def __init__(self, model: nn.Module, config: Any, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(model, config, adapter_name, **kwargs)
+        if self.model.training:
+            self._freeze_batch_norm_stats()
+
+    def train(self, mode: bool = True) -> SSFModel:
+        """``nn.Module.train``, except that frozen BatchNorms stay in eval mode (see ``_freeze_batch_norm_stats``)."""
+        super().train(mode)
+        if mode:
+            self._freeze_batch_norm_stats()
+        return self
+
+    def _freeze_batch_norm_stats(self) -> None:
+        """Frozen BatchNorms normalise with their running statistics and never update them.
+
+        A BatchNorm in train mode updates its running mean / variance even when its parameters are frozen, and
+        ``save_pretrained`` saves only the adapter: a reloaded model would differ from the trained one. So every
+        BatchNorm without trainable parameters (SSF-adapted or not) runs as at inference, the usual way to fine-tune a
+        frozen backbone. A BatchNorm listed in ``modules_to_save`` is trained and saved with its statistics.
+        """
+        to_save = set()
+        for config in self.peft_config.values():
+            to_save.update(getattr(config, "modules_to_save", None) or ())
+        wrappers: list[str] = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                wrappers.append(name + ".")
+                continue
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or not module.track_running_stats:
+                continue
+            if any(name.startswith(w) for w in wrappers) or in_modules(name.removesuffix(".base_layer"), to_save):
+                continue
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
     # ----- config / targets -------------------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """PEFT's injection, after refusing an unsafe adapter name (every way a name enters: ``get_peft_model``,
@@ -61,6 +103,17 @@ class SSFModel(BaseTuner):
         model_type = self.get_model_config(model).get("model_type")
         placement = peft_config.preset or "paper"
         names = resolve_preset(model, model_type, placement, peft_config.modules_to_save)
+        if peft_config.layers_to_transform is not None:
+            # PEFT skips its layer filter for exact names (which a resolved preset is): apply it here
+            kept = [n for n in names if _in_layers(n, peft_config.layers_to_transform, peft_config.layers_pattern)]
+            if not kept:
+                raise PresetError(
+                    f"layers_to_transform={peft_config.layers_to_transform} (layers_pattern="
+                    f"{peft_config.layers_pattern!r}) keeps none of the {len(names)} modules of the SSF "
+                    f"'{placement}' preset, e.g. {_examples(names, 4)}. Check the layer indices and the layer "
+                    "list's name."
+                )
+            names = kept
         peft_config.target_modules = set(names)
         peft_config.preset = None  # resolved: the saved config lists the exact modules
 
@@ -135,7 +188,16 @@ class SSFModel(BaseTuner):
                 f"Module '{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); "
                 "SSF cannot be stacked on it."
             )
+        sharers = self.__dict__.get("_ssf_tied", {}).get(current_key)
+        if sharers:
+            raise ValueError(
+                f"SSF cannot adapt '{current_key}': its weight is shared with {sharers} (tied weights, e.g. "
+                "tie_word_embeddings). Merging would fold the scale into the weight those modules use too, changing "
+                "their outputs. Exclude it (exclude_modules=[...]), or untie the weights before get_peft_model "
+                "(load the model with tie_word_embeddings=False)."
+            )
         new_module = wrapper_for(target)(target, adapter_name, **kwargs)
+        new_module.ssf_site_name = current_key  # named in errors (mixed batches)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -148,6 +210,11 @@ class SSFModel(BaseTuner):
             registry.append(layer)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if not isinstance(new_module, SSFLayer):
+            # unloading: a base layer or a trained modules_to_save copy (a container head such as RoBERTa's
+            # classifier has no weight of its own) goes back in place as it is
+            setattr(parent, child_name, new_module)
+            return
         base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
         if getattr(base, "weight", None) is not None or hasattr(base, "qweight") or hasattr(base, "W_q"):
             super()._replace_module(parent, child_name, new_module, child)  # PEFT's device / meta handling
@@ -183,6 +250,14 @@ class SSFModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         self._scale_only_sites: list[str] = []
+        self._ssf_tied = shared_parameter_owners(model)
+        if config.skip_key_shift and _uses_rotary_embeddings(model):
+            raise ValueError(
+                "skip_key_shift=True on a model with rotary position embeddings: the rotation is applied to the key "
+                "per position, so a key-projection shift is not a per-query constant there and its gradient is not "
+                "zero (it is as large as the query's). Use skip_key_shift=False; the shift is inert only without "
+                "rotary embeddings (ViT, BERT, GPT-2, T5, BART)."
+            )
 
     def _post_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         sites = getattr(self, "_scale_only_sites", [])
@@ -448,6 +523,40 @@ def _shorten(names: list[str], limit: int = 10) -> str:
     """``['a', 'b', ...]`` with at most ``limit`` names and the total, for messages about very long lists."""
     head = ", ".join(repr(n if len(n) <= 80 else n[:77] + "...") for n in names[:limit])
     return f"[{head}]" if len(names) <= limit else f"[{head}, ... ({len(names)} in all)]"
+
+
+def _in_layers(name: str, layers: int | list[int], pattern: str | list[str] | None) -> bool:
+    """PEFT's ``layers_to_transform`` rule (``check_target_module_exists``): the first numbered segment after
+    ``pattern`` (or after any segment, without a pattern) is one of ``layers``; a module outside a layer list is not
+    kept."""
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+#: config attributes that mean rotary position embeddings (transformers names), when set
+_ROTARY_CONFIG_KEYS = ("rope_theta", "rope_parameters", "rotary_dim", "rotary_pct", "rotary_emb_base")
+
+
+def _uses_rotary_embeddings(model: nn.Module) -> bool:
+    """Whether keys are rotated per position (RoPE): a rotary module, or a config that sets rotary parameters."""
+    if any("rotary" in type(m).__name__.lower() for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    if config is None:
+        return False
+    if getattr(config, "position_embedding_type", None) == "rotary":
+        return True
+    return any(getattr(config, key, None) not in (None, 0, {}) for key in _ROTARY_CONFIG_KEYS)
 
 
 def _hooks_of(module: nn.Module) -> list[Any]:

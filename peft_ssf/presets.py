@@ -9,7 +9,13 @@ exact module names to adapt, so a saved adapter config never depends on the pres
 ``"paper"`` is the placement of the official SSF code: after the patch-embedding conv, both norms of each block, the
 q/k/v and output projections, fc1 (before GELU) and fc2, and the final norm (ConvNeXt: stem conv + stem norm,
 depthwise conv, block norm, pwconv1, pwconv2, final norm). Patch merging (Swin) and downsampling (ConvNeXt) layers
-are not in the official placement. ``"all"`` adapts every module SSF supports, except the classification head.
+are not in the official placement. ``"all"`` adapts every module SSF supports, except task heads.
+
+Two kinds of module are never chosen by a preset: task heads and everything inside them (``classifier``, ``score``,
+``qa_outputs``, ``lm_head``, ... and the ``modules_to_save``: they are trained fully, and RoBERTa's
+``classifier.dense`` is part of its head), and modules whose parameters are shared with another module (tied input
+and output embeddings, T5's ``shared`` / ``encoder.embed_tokens`` / ``decoder.embed_tokens``): a merge would fold
+the scale into the weight every sharer uses (see ``shared_parameter_owners``).
 """
 
 from __future__ import annotations
@@ -65,8 +71,8 @@ PAPER_ROLES: dict[str, dict[str, list[str]]] = {
     "convnextv2": _CONVNEXT_ROLES,
 }
 
-#: module names never adapted by the "all" placement (classification heads)
-_HEAD_NAMES = ("classifier", "head", "lm_head", "score", "fc_norm_head")
+#: task heads: never adapted by a preset, nor anything inside them (they are replaced / trained fully)
+_HEAD_NAMES = ("classifier", "pre_classifier", "head", "lm_head", "score", "fc_norm_head", "qa_outputs")
 
 
 class PresetError(ValueError):
@@ -106,6 +112,41 @@ def supported_module_names(model: nn.Module) -> list[str]:
     return names
 
 
+def in_modules(name: str, modules: Iterable[str]) -> bool:
+    """True when ``name`` is one of ``modules`` (dotted suffix match) or inside one of them."""
+    dotted = "." + name + "."
+    return any("." + m + "." in dotted for m in modules)
+
+
+def shared_parameter_owners(model: nn.Module) -> dict[str, list[str]]:
+    """Module name -> the other modules holding one of its own parameters (tied weights).
+
+    GPT-2 / OPT / LLaMA with ``tie_word_embeddings`` share the input embedding with the output layer; T5 and BART
+    share one table between ``shared``, ``encoder.embed_tokens`` and ``decoder.embed_tokens``. SSF cannot adapt such
+    a module: merging folds its scale into the weight the other modules use too, and a module that never runs
+    (T5's ``shared``) gets no gradient. The same module object reached under two names is not a tie (one wrapper
+    serves both paths). Base layers inside PEFT wrappers count as their wrapper.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    owners: dict[int, dict[int, str]] = {}  # id(param) -> {id(module): name}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, BaseTunerLayer):
+            continue  # its base layer is visited as "<name>.base_layer"
+        for pname, param in module.named_parameters(recurse=False):
+            if pname.startswith("ssf_"):
+                continue
+            owner = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+            owners.setdefault(id(param), {}).setdefault(id(module), owner)
+    result: dict[str, list[str]] = {}
+    for by_module in owners.values():
+        if len(by_module) > 1:
+            names = list(by_module.values())
+            for name in names:
+                result.setdefault(name, []).extend(n for n in names if n != name and n not in result[name])
+    return result
+
+
 def resolve_preset(
     model: nn.Module,
     model_type: str | None,
@@ -120,9 +161,8 @@ def resolve_preset(
     if placement not in PLACEMENTS:
         raise PresetError(f"Unknown SSF preset {placement!r}; choose one of {list(PLACEMENTS)}.")
     skip = tuple(modules_to_save or ()) + _HEAD_NAMES
-    candidates = [
-        n for n in supported_module_names(model) if not any(n == s or n.endswith("." + s) for s in skip)
-    ]
+    tied = shared_parameter_owners(model)
+    candidates = [n for n in supported_module_names(model) if not in_modules(n, skip) and n not in tied]
     if placement == "all":
         if not candidates:
             raise PresetError(
