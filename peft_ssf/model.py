@@ -10,12 +10,21 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import guard, residual
+from . import bias_switches, guard, residual
 from .config import SSFConfig
-from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
+from .layer import (
+    BASE_ADAPTER,
+    SUPPORTED_TYPE_NAMES,
+    BiasAddingLinear,
+    Linear,
+    SSFLayer,
+    _param_device,
+    merge_capabilities,
+    wrapper_for,
+)
 from .presets import _examples, resolve_preset, supported_module_names
 
 
@@ -48,7 +57,10 @@ class SSFModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SSFConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is not None:
+        targets = peft_config.target_modules
+        if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            return  # PEFT expands "all-linear" right after this hook (every Linear / Conv1D but the output layer)
+        if targets is not None:
             self._check_targets_exist(peft_config, model)
             return
         model_type = self.get_model_config(model).get("model_type")
@@ -113,6 +125,12 @@ class SSFModel(BaseTuner):
             "inference_mode": peft_config.inference_mode,
             "fused": peft_config.fused,
         }
+        wrapper = wrapper_for(base)
+        if kwargs["with_shift"] and wrapper is Linear and base.bias is None:  # bias_free_sites="add_bias"
+            wrapper = BiasAddingLinear
+            if type(target) is Linear:
+                target.__class__ = BiasAddingLinear  # an earlier scale-only adapter: same state, merge may add a bias
+                target.can_absorb_shift = True
         if isinstance(target, SSFLayer):
             target.update_layer(adapter_name, **kwargs)
             self._register(target)
@@ -122,7 +140,7 @@ class SSFModel(BaseTuner):
                 f"Module '{current_key}' is already wrapped by another PEFT method ({type(target).__name__}); "
                 "SSF cannot be stacked on it."
             )
-        new_module = wrapper_for(target)(target, adapter_name, **kwargs)
+        new_module = wrapper(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -160,6 +178,12 @@ class SSFModel(BaseTuner):
                 )
             return True
         if not can_shift:
+            if (
+                config.bias_free_sites == "add_bias"
+                and isinstance(module, nn.Linear)
+                and bias_switches.switch_for(self.model, key) is not None
+            ):
+                return True
             if config.bias_free_sites == "error":
                 raise ValueError(
                     f"SSF target '{key}' ({type(module).__name__}) has no bias, so a shift there cannot be merged. "
@@ -222,9 +246,12 @@ class SSFModel(BaseTuner):
     ) -> nn.Module:
         if merge:
             self._precheck_merge(adapter_names, safe_merge)
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        if merge:
+            bias_switches.apply_bias_switches(model)  # merged shifts became biases: the config must say so
+        return model
 
     # ----- training forward ------------------------------------------------------------------------------------
     def _pairs_residuals(self) -> bool:
