@@ -36,7 +36,7 @@ ENCODERS = ("bert", "roberta", "distilbert", "deberta-v2", "modernbert")
 
 
 def text_config(model_type: str, **overrides):
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, **{**TEXT_FAMILIES[model_type], **overrides})
+    return AutoConfig.for_model(model_type, **{"vocab_size": VOCAB, **TEXT_FAMILIES[model_type], **overrides})
 
 
 def tiny_text_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
