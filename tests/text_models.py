@@ -76,3 +76,34 @@ def tiny_tokenizer(texts: list[str], model_max_length: int = 64):
         tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]", unk_token="[UNK]",
         model_max_length=model_max_length,
     )
+
+
+def write_readme_stand_ins(root) -> dict[str, str]:
+    """Tiny local stand-ins for the text models and dataset README.md names (a LLaMA, a DistilBERT, an IMDB).
+
+    Returns the placeholder values ``tests/test_readme.py`` substitutes: ``tiny_llama``, ``tiny_distilbert``,
+    ``tiny_imdb``.
+    """
+    from pathlib import Path
+
+    import datasets
+    from transformers import DistilBertModel, LlamaForCausalLM
+
+    root = Path(root)
+    good, bad = ["great", "lovely", "superb"], ["awful", "dull", "poor"]
+    texts = [f"the film was {w} and the plot {v}" for w in good + bad for v in ("moved", "dragged")]
+    labels = [int(t.split()[3] in good) for t in texts]
+    tokenizer = tiny_tokenizer(texts + ["ssf scales and shifts features ."])
+    values = {}
+    for name, cls, model_type in (("tiny_llama", LlamaForCausalLM, "llama"),
+                                  ("tiny_distilbert", DistilBertModel, "distilbert")):
+        torch.manual_seed(0)
+        cls(text_config(model_type, vocab_size=len(tokenizer))).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        values[name] = str(root / name)
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    split = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(root / "tiny_imdb"))
+    values["tiny_imdb"] = str(root / "tiny_imdb")
+    return values
