@@ -178,12 +178,11 @@ class SSFModel(BaseTuner):
                 )
             return True
         if not can_shift:
-            if (
-                config.bias_free_sites == "add_bias"
-                and isinstance(module, nn.Linear)
-                and bias_switches.switch_for(self.model, key) is not None
-            ):
-                return True
+            switchable = isinstance(module, nn.Linear) and bias_switches.switch_for(self.model, key) is not None
+            if switchable and config.bias_free_sites == "add_bias":
+                return True  # BiasAddingLinear: merging gives the layer a bias and turns the config switch on
+            if switchable:
+                self.__dict__.setdefault("_switchable_sites", []).append(key)
             if config.bias_free_sites == "error":
                 raise ValueError(
                     f"SSF target '{key}' ({type(module).__name__}) has no bias, so a shift there cannot be merged. "
@@ -195,14 +194,18 @@ class SSFModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         self._scale_only_sites: list[str] = []
+        self._switchable_sites: list[str] = []  # of those, the ones bias_free_sites="add_bias" would give a shift
 
     def _post_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         sites = getattr(self, "_scale_only_sites", [])
+        switchable = getattr(self, "_switchable_sites", [])
         if sites:
             shown = ", ".join(sites[:5]) + (f", ... ({len(sites)} in all)" if len(sites) > 5 else "")
             warnings.warn(
                 f"SSF adapter '{adapter_name}': {len(sites)} targeted module(s) have no bias, so they learn a scale "
-                f"but no shift (a shift could not be merged): {shown}.",
+                f"but no shift (a shift could not be merged): {shown}."
+                + (f" bias_free_sites='add_bias' would learn a shift at {len(switchable)} of them (merging turns on "
+                   "the model's bias switch)." if switchable else ""),
                 stacklevel=2,
             )
 

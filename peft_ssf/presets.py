@@ -10,6 +10,12 @@ exact module names to adapt, so a saved adapter config never depends on the pres
 q/k/v and output projections, fc1 (before GELU) and fc2, and the final norm (ConvNeXt: stem conv + stem norm,
 depthwise conv, block norm, pwconv1, pwconv2, final norm). Patch merging (Swin) and downsampling (ConvNeXt) layers
 are not in the official placement. ``"all"`` adapts every module SSF supports, except the classification head.
+
+Text families (BERT, RoBERTa, DistilBERT, DeBERTa-v2, ModernBERT, GPT-2, LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3,
+T5, BART) follow the same rule: after every linear and norm (LayerNorm or RMSNorm) of attention and MLP, plus the
+embeddings' norm and the final norm; never the embeddings or the task head (BERT's pooler counts as head). A
+transformers model type without a preset gets every supported module except embeddings, the output layer and task
+heads, with a warning naming what was chosen; a model without a transformers config still needs ``target_modules``.
 """
 
 from __future__ import annotations

@@ -186,6 +186,11 @@ def test_bias_switch_table_matches_transformers(model_type):
         assert not [n for n in built[False] if re.search(rf"(^|\.){pattern}$", n)]
 
 
+def test_scale_only_warning_points_to_add_bias_where_a_switch_exists():
+    with pytest.warns(UserWarning, match="19 targeted module.*'add_bias' would learn a shift at 14 of them"):
+        get_peft_model(tiny_text_model("llama"), SSFConfig())
+
+
 def test_scale_only_sites_warn_once_and_mistral_has_no_switch():
     with pytest.warns(UserWarning, match="19 targeted module") as record:
         get_peft_model(tiny_text_model("mistral"), SSFConfig(bias_free_sites="add_bias"))
@@ -225,3 +230,36 @@ def test_seq2seq_families_cover_cross_attention():
         model = get_peft_model(tiny_text_model(model_type), SSFConfig())
         names = [n for n, m in model.named_modules() if isinstance(m, SSFLayer)]
         assert any("EncDecAttention.q" in n or "encoder_attn.q_proj" in n for n in names)
+
+
+def test_add_bias_adapter_saves_and_loads_in_a_fresh_base(tmp_path):
+    from peft import PeftModel
+
+    model = get_peft_model(tiny_text_model("llama").double(), SSFConfig(init_weights=False,
+                                                                         bias_free_sites="add_bias"))
+    inputs = text_inputs("llama")
+    out = _logits(model, inputs)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_text_model("llama").double(), tmp_path)
+    assert isinstance(loaded.base_model.model.model.layers[0].mlp.down_proj, BiasAddingLinear)
+    torch.testing.assert_close(_logits(loaded, inputs), out, rtol=0, atol=0)
+
+
+def test_torch_rmsnorm_is_a_site_and_merges_exactly():
+    net = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8, eps=1e-6)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    model = get_peft_model(net, SSFConfig(target_modules=["1"], init_weights=False))
+    assert isinstance(model.base_model.model[1], RMSNorm) and model.base_model.model[1].weight_offset == 0.0
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(model.merge_and_unload()(x), out, rtol=0, atol=1e-14)
+
+
+def test_t5_v1_1_gated_mlp_is_covered():
+    model = get_peft_model(tiny_text_model("t5", feed_forward_proj="gated-gelu").double(),
+                           SSFConfig(init_weights=False))
+    names = [n for n, m in model.named_modules() if isinstance(m, SSFLayer)]
+    assert sum(n.endswith(("wi_0", "wi_1")) for n in names) == 8  # 2 per block, 2 encoder + 2 decoder blocks
+    inputs = text_inputs("t5")
+    out = _logits(model, inputs)
+    torch.testing.assert_close(_logits(model.merge_and_unload(), inputs), out, rtol=0, atol=1e-12)
