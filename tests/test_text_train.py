@@ -109,3 +109,16 @@ def test_causal_lm_example_trains_merges_and_generates(tmp_path):
     gen = pipeline("text-generation", model=str(out / "merged"), device="cpu")
     text = gen("the cat", max_new_tokens=4, do_sample=False)[0]["generated_text"]
     assert text.startswith("the cat") and text == result["greedy_sample"]
+
+
+@pytest.mark.parametrize("method", ["head", "full"])
+def test_text_path_trains_the_other_methods(text_workspace, method):
+    out = text_workspace / f"run_{method}"
+    summary = train(_args(
+        "--model", str(text_workspace / "bert"), "--dataset", str(text_workspace / "data"), "--output_dir", str(out),
+        "--max_steps", "2", "--batch_size", "8", "--method", method, "--no_progress", "--metric_backend", "builtin",
+        "--no_checkpoints",
+    ))
+    head = 32 * 2 + 2  # BERT's classifier: hidden 32 -> 2 labels
+    assert (summary["trainable_params"] == head) if method == "head" else (summary["trainable_params"] > 10 * head)
+    assert (out / "model" / "tokenizer.json").exists() and (out / "model" / "model.safetensors").exists()

@@ -106,6 +106,8 @@ def build_text_classifier(model_path: str, id2label: dict[int, str], method: str
         targets = args.target_modules.split(",") if getattr(args, "target_modules", None) else None
         options = {"target_modules": targets, "preset": None if targets else getattr(args, "preset", None),
                    "skip_key_shift": getattr(args, "skip_key_shift", False)}
+        if getattr(args, "bias_free_sites", None):  # for a CLI that exposes it
+            options["bias_free_sites"] = args.bias_free_sites
         paper = getattr(args, "paper_init", False) or getattr(args, "paper_recipe", False)
         config = peft_config("ssf_paper_init" if paper else "ssf", model.config.model_type, head, **options)
         return get_peft_model(model, config)
@@ -127,6 +129,15 @@ def tokenize(ds, tokenizer, text_col: str, pair_col: Optional[str], label_col: s
         return enc
 
     return ds.map(encode, batched=True, remove_columns=ds["train"].column_names, desc="Tokenizing")
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether the (base) model's forward takes the keyword ``name``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _save_text_outputs(model, tokenizer, args: argparse.Namespace, out: Path) -> dict[str, str]:
@@ -178,6 +189,9 @@ def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = No
     tokenizer = load_tokenizer(args.model)
     model = build_text_classifier(args.model, id2label, args.method, args, tokenizer.pad_token_id)
     encoded = tokenize(ds, tokenizer, text_col, pair_col, label_col)
+    unused = [c for c in encoded["train"].column_names if c != "labels" and not _accepts(model, c)]
+    if unused:  # e.g. token_type_ids for a model that takes none
+        encoded = encoded.remove_columns(unused)
     compute_metrics, metric_backend = make_accuracy_metric(args.metric_backend)
     epoch_holder = types.SimpleNamespace(epoch=0)  # text has no augmentation epoch; the callback wants one
     trainer = _trainer_class()(model=model, args=_training_arguments(args, out), train_dataset=encoded["train"],
