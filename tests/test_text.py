@@ -263,3 +263,40 @@ def test_t5_v1_1_gated_mlp_is_covered():
     inputs = text_inputs("t5")
     out = _logits(model, inputs)
     torch.testing.assert_close(_logits(model.merge_and_unload(), inputs), out, rtol=0, atol=1e-12)
+
+
+#: README's per-family table: (sites, SSF params scale_only, SSF params add_bias) on transformers' default configs
+README_COUNTS = {
+    "bert": (97, 204_288, 204_288),
+    "roberta": (97, 204_288, 204_288),
+    "distilbert": (49, 102_912, 102_912),
+    "deberta-v2": (193, 814_080, 814_080),
+    "modernbert": (133, 169_728, 304_896),
+    "gpt2": (73, 204_288, 204_288),
+    "llama": (289, 1_626_112, 2_985_984),
+    "mistral": (289, 1_642_496, 1_642_496),
+    "qwen2": (289, 2_723_840, 2_723_840),
+    "qwen3": (353, 2_338_816, 2_863_104),
+    "gemma": (253, 2_067_456, 2_497_536),
+    "gemma2": (287, 947_456, 1_113_856),
+    "gemma3_text": (339, 960_768, 1_127_168),
+    "phi3": (193, 1_215_488, 1_215_488),
+    "t5": (128, 83_968, 83_968),
+    "bart": (254, 667_648, 667_648),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(README_COUNTS))
+def test_readme_counts_on_default_configs(model_type):
+    """The README's per-family table: transformers' default config of each type, built on the meta device."""
+    from transformers import AutoConfig
+
+    cls = type(tiny_text_model(model_type))
+    found = []
+    for bias_free_sites in ("scale_only", "add_bias"):
+        with torch.device("meta"):
+            model = cls(AutoConfig.for_model(model_type))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            found.append(_ssf_count(get_peft_model(model, SSFConfig(bias_free_sites=bias_free_sites))))
+    assert (found[0][0], found[0][1], found[1][1]) == README_COUNTS[model_type]
