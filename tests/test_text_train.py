@@ -77,7 +77,7 @@ def test_train_on_a_text_dataset_and_serve_the_merged_model(text_workspace, mode
     assert 0.0 <= summary["val_accuracy"] <= 1.0 and 0.0 <= summary["test_accuracy"] <= 1.0
     assert json.loads((out / "results.json").read_text())["global_step"] == summary["global_step"] == 18
     card = (out / "adapter" / "README.md").read_text()
-    assert "SSF" in card
+    assert "pipeline_tag: text-classification" in card and "AutoModelForSequenceClassification.from_pretrained" in card
     # the merged model is a plain transformers classifier with its tokenizer: the pipeline serves it
     clf = pipeline("text-classification", model=str(out / "merged"), device="cpu")
     texts = ["the film was superb", "the acting was dreadful and dull"]
