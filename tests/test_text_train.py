@@ -93,6 +93,8 @@ def test_train_on_a_text_dataset_and_serve_the_merged_model(text_workspace, mode
         probs = adapter(**enc).logits.softmax(-1)
     top = probs.max(-1).values
     torch.testing.assert_close(torch.tensor([p["score"] for p in preds]), top, rtol=0, atol=1e-5)
+    # the adapter records its task (AutoPeftModelForSequenceClassification, for a base on the Hub)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
 
 
 def test_causal_lm_example_trains_merges_and_generates(tmp_path):

@@ -105,7 +105,8 @@ def build_text_classifier(model_path: str, id2label: dict[int, str], method: str
     if method == "ssf":
         targets = args.target_modules.split(",") if getattr(args, "target_modules", None) else None
         options = {"target_modules": targets, "preset": None if targets else getattr(args, "preset", None),
-                   "skip_key_shift": getattr(args, "skip_key_shift", False)}
+                   "skip_key_shift": getattr(args, "skip_key_shift", False),
+                   "task_type": "SEQ_CLS"}  # AutoPeftModelForSequenceClassification loads the adapter
         if getattr(args, "bias_free_sites", None):  # for a CLI that exposes it
             options["bias_free_sites"] = args.bias_free_sites
         paper = getattr(args, "paper_init", False) or getattr(args, "paper_recipe", False)
