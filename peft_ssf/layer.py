@@ -755,18 +755,15 @@ class RMSNorm(_SSFModule):
         return {"weight": (w + self.weight_offset) / scale - self.weight_offset}
 
 
-class BiasAddingLinear(Linear):
-    """SSF after a bias-free ``nn.Linear`` whose architecture has a config switch for that bias (LLaMA's
-    ``attention_bias`` / ``mlp_bias``, see ``peft_ssf.bias_switches``), with ``bias_free_sites="add_bias"``.
+class _AddsBias:
+    """Merge math for a bias-free op whose architecture has a config switch for that bias (LLaMA's
+    ``attention_bias`` / ``mlp_bias``, ModernBERT's ``norm_bias``; see ``peft_ssf.bias_switches``), used with
+    ``bias_free_sites="add_bias"``.
 
-    It learns a shift like any other site; merging creates the base layer's ``bias`` holding the folded shift, and
+    The site learns a shift like any other; merging creates the base layer's ``bias`` holding the folded shift, and
     unmerging removes it again. ``merge_and_unload`` then turns the config switch on (zero bias where SSF added none),
     so the merged model is a plain transformers model.
     """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
-        super().__init__(base_layer, adapter_name, **kwargs)
-        self.can_absorb_shift = True
 
     def _merged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         base = self.get_base_layer()
@@ -790,8 +787,8 @@ class BiasAddingLinear(Linear):
             self.get_base_layer().register_parameter("bias", None)
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.get_base_layer().bias is None and not torch.is_grad_enabled():
-            return SSFLayer._fused_forward(self, x, adapter, *args, **kwargs)  # the inference fold needs a bias
+        if self.get_base_layer().bias is None and (self._plain_without_bias or not torch.is_grad_enabled()):
+            return SSFLayer._fused_forward(self, x, adapter, *args, **kwargs)  # base op, then the SSF op
         return super()._fused_forward(x, adapter, *args, **kwargs)
 
     def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
@@ -801,6 +798,34 @@ class BiasAddingLinear(Linear):
         merged = self._merged_params(*self._adapter_tensors(adapter, self._compute_dtype()))
         merged["weight"] = merged["weight"] - base.weight.detach().to(merged["weight"].dtype)
         return merged
+
+
+class BiasAddingLinear(_AddsBias, Linear):
+    """SSF with a shift after a bias-free ``nn.Linear`` that a config switch can give a bias (see ``_AddsBias``).
+
+    Training folds scale and shift into the frozen weight as for any Linear; inference without grad runs the base
+    op and then the SSF op (the inference fold needs an existing bias)."""
+
+    _plain_without_bias = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.can_absorb_shift = True
+
+
+class BiasAddingLayerNorm(_AddsBias, LayerNorm):
+    """SSF with a shift after a bias-free ``nn.LayerNorm`` that a config switch can give a bias (ModernBERT's
+    ``norm_bias``; see ``_AddsBias``). While unmerged it runs the norm, then the SSF op."""
+
+    _plain_without_bias = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.can_absorb_shift = True
+
+
+#: wrapper -> its bias-adding variant, for ``bias_free_sites="add_bias"``
+BIAS_ADDING: dict[type, type] = {Linear: BiasAddingLinear, LayerNorm: BiasAddingLayerNorm}
 
 
 LAYER_TYPES = LAYER_TYPES + ((RMSNormLike, RMSNorm),)

@@ -17,9 +17,8 @@ from . import bias_switches, guard, residual
 from .config import SSFConfig
 from .layer import (
     BASE_ADAPTER,
+    BIAS_ADDING,
     SUPPORTED_TYPE_NAMES,
-    BiasAddingLinear,
-    Linear,
     SSFLayer,
     _param_device,
     merge_capabilities,
@@ -126,10 +125,10 @@ class SSFModel(BaseTuner):
             "fused": peft_config.fused,
         }
         wrapper = wrapper_for(base)
-        if kwargs["with_shift"] and wrapper is Linear and base.bias is None:  # bias_free_sites="add_bias"
-            wrapper = BiasAddingLinear
-            if type(target) is Linear:
-                target.__class__ = BiasAddingLinear  # an earlier scale-only adapter: same state, merge may add a bias
+        if kwargs["with_shift"] and wrapper in BIAS_ADDING and getattr(base, "bias", None) is None:
+            wrapper = BIAS_ADDING[wrapper]  # bias_free_sites="add_bias": merging may give the layer a bias
+            if type(target) in BIAS_ADDING:
+                target.__class__ = BIAS_ADDING[type(target)]  # an earlier scale-only adapter: same state
                 target.can_absorb_shift = True
         if isinstance(target, SSFLayer):
             target.update_layer(adapter_name, **kwargs)
@@ -178,7 +177,7 @@ class SSFModel(BaseTuner):
                 )
             return True
         if not can_shift:
-            switchable = isinstance(module, nn.Linear) and bias_switches.switch_for(self.model, key) is not None
+            switchable = bias_switches.switch_for(self.model, key, module) is not None
             if switchable and config.bias_free_sites == "add_bias":
                 return True  # BiasAddingLinear: merging gives the layer a bias and turns the config switch on
             if switchable:

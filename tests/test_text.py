@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from peft_ssf import PresetError, SSFConfig
-from peft_ssf.bias_switches import BIAS_SWITCHES
+from peft_ssf.bias_switches import BIAS_SWITCHES, SWITCHABLE_TYPES
 from peft_ssf.layer import BiasAddingLinear, RMSNorm, SSFLayer, wrapper_for
 
 #: model_type -> (sites, SSF parameters) with the default config, and with bias_free_sites="add_bias"
@@ -22,7 +22,7 @@ EXPECTED_COUNTS = {
     "roberta": (17, 1108, 17, 1108),
     "distilbert": (17, 1108, 17, 1108),
     "deberta-v2": (17, 1108, 17, 1108),
-    "modernbert": (13, 628, 13, 1096),
+    "modernbert": (13, 628, 13, 1256),
     "gpt2": (13, 1472, 13, 1472),
     "llama": (19, 564, 19, 968),
     "mistral": (19, 564, 19, 564),
@@ -180,7 +180,8 @@ def test_bias_switch_table_matches_transformers(model_type):
             config = text_config(model_type, **{attr: value})
             with torch.device("meta"):
                 model = model_cls(config)
-            built[value] = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None}
+            built[value] = {n for n, m in model.named_modules()
+                            if isinstance(m, SWITCHABLE_TYPES) and m.bias is not None}
         gained = built[True] - built[False]
         assert gained and all(re.search(rf"(^|\.){pattern}$", n) for n in gained)
         assert not [n for n in built[False] if re.search(rf"(^|\.){pattern}$", n)]
@@ -271,7 +272,7 @@ README_COUNTS = {
     "roberta": (97, 204_288, 204_288),
     "distilbert": (49, 102_912, 102_912),
     "deberta-v2": (193, 814_080, 814_080),
-    "modernbert": (133, 169_728, 304_896),
+    "modernbert": (133, 169_728, 339_456),
     "gpt2": (73, 204_288, 204_288),
     "llama": (289, 1_626_112, 2_985_984),
     "mistral": (289, 1_642_496, 1_642_496),
@@ -300,3 +301,19 @@ def test_readme_counts_on_default_configs(model_type):
             warnings.simplefilter("ignore")
             found.append(_ssf_count(get_peft_model(model, SSFConfig(bias_free_sites=bias_free_sites))))
     assert (found[0][0], found[0][1], found[1][1]) == README_COUNTS[model_type]
+
+
+def test_modernbert_add_bias_merge_turns_on_three_switches_and_reloads(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = get_peft_model(tiny_text_model("modernbert").double(),
+                           SSFConfig(init_weights=False, bias_free_sites="add_bias"))
+    assert not [m for m in model.modules() if isinstance(m, SSFLayer) and m.ssf_shift.keys() == set()]  # all shift
+    inputs = text_inputs("modernbert")
+    out = _logits(model, inputs)
+    merged = model.merge_and_unload()
+    assert (merged.config.attention_bias, merged.config.mlp_bias, merged.config.norm_bias) == (True, True, True)
+    assert merged.head.norm.bias is not None and merged.head.norm.bias.abs().sum() == 0  # not adapted: zero bias
+    merged.save_pretrained(tmp_path)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    torch.testing.assert_close(_logits(reloaded, inputs), out, rtol=0, atol=1e-12)
