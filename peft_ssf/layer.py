@@ -10,7 +10,9 @@ never guessed from tensor shapes:
 * optionally a fused training forward that stores no extra activations.
 
 Merging: for Linear / Conv / Conv1D ``W' = scale * W`` (per output channel) and ``b' = scale * b + shift``; for the
-norms the affine weight and bias; for Embedding ``E' = scale * E + shift`` (every row). Computed in the wider of
+norms the affine weight and bias; for RMSNorms the weight (Gemma's ``(1 + w)`` form: ``w' = scale * (1 + w) - 1``);
+for Embedding ``E' = scale * E + shift`` (every row). Bias-free layers whose architecture has a config bias switch
+(``BiasAddingLinear`` / ``BiasAddingLayerNorm``) gain a bias holding the shift. Computed in the wider of
 float32 and the weight's own dtype.
 """
 
