@@ -317,3 +317,14 @@ def test_modernbert_add_bias_merge_turns_on_three_switches_and_reloads(tmp_path)
     merged.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path, dtype=torch.float64).eval()
     torch.testing.assert_close(_logits(reloaded, inputs), out, rtol=0, atol=1e-12)
+
+
+def test_generate_with_add_bias_adapter_equals_merged_model():
+    model = get_peft_model(tiny_text_model("llama"), SSFConfig(init_weights=False, bias_free_sites="add_bias"))
+    prompt = text_inputs("llama", batch=1, length=4)["input_ids"]
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        adapter_ids = model.generate(input_ids=prompt, **kwargs)
+        merged_ids = model.merge_and_unload().generate(input_ids=prompt, **kwargs)
+    assert adapter_ids.shape == (1, 10)
+    assert torch.equal(adapter_ids, merged_ids)
