@@ -124,3 +124,23 @@ def test_text_path_trains_the_other_methods(text_workspace, method):
     head = 32 * 2 + 2  # BERT's classifier: hidden 32 -> 2 labels
     assert (summary["trainable_params"] == head) if method == "head" else (summary["trainable_params"] > 10 * head)
     assert (out / "model" / "tokenizer.json").exists() and (out / "model" / "model.safetensors").exists()
+
+
+def test_text_path_user_errors(text_workspace, tmp_path):
+    import datasets
+
+    from peft_ssf.errors import UserError
+
+    no_tokenizer = tmp_path / "bare"
+    import transformers
+
+    transformers.BertForSequenceClassification(text_config("bert")).save_pretrained(no_tokenizer)
+    with pytest.raises(UserError, match="cannot load a tokenizer.*tokenizer.save_pretrained"):
+        train(_args("--model", str(no_tokenizer), "--dataset", str(text_workspace / "data"), "--output_dir",
+                    str(tmp_path / "a"), "--no_progress", "--metric_backend", "builtin"))
+    unlabeled = tmp_path / "unlabeled"
+    split = datasets.Dataset.from_dict({"text": ["a film", "the plot"], "stars": [1, 2]})
+    datasets.DatasetDict({"train": split, "validation": split}).save_to_disk(str(unlabeled))
+    with pytest.raises(UserError, match=r"cannot find a label column.*\['text', 'stars'\]"):
+        train(_args("--model", str(text_workspace / "bert"), "--dataset", str(unlabeled), "--output_dir",
+                    str(tmp_path / "b"), "--no_progress", "--metric_backend", "builtin"))

@@ -76,6 +76,9 @@ def load_tokenizer(model_path: str):
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load a tokenizer for {model_path!r}: {str(exc).splitlines()[0]}; a text model "
                         "needs its tokenizer saved next to it (tokenizer.save_pretrained)") from exc
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers builds an empty one when none is saved
+        raise UserError(f"cannot load a tokenizer for {model_path!r}: it has no vocabulary (no tokenizer files "
+                        "there?); a text model needs its tokenizer saved next to it (tokenizer.save_pretrained)")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer of {model_path!r} has neither a padding nor an end-of-sequence token")
