@@ -18,7 +18,7 @@ from .errors import UserError
 
 InitWeights = Union[bool, Literal["paper"]]
 
-_VALID_BIAS_FREE = ("scale_only", "error")
+_VALID_BIAS_FREE = ("scale_only", "error", "add_bias")
 
 #: fields that must be JSON booleans (``"false"`` is a non-empty string, so it would read as True)
 _BOOL_FIELDS = ("skip_key_shift", "allow_unmergeable", "fused", "pair_residuals", "inference_mode")
@@ -89,7 +89,11 @@ class SSFConfig(PeftConfig):
             (``attention.attention.key``, ``attention.self.key``, ``attn.key`` in transformers 4.x and others).
         bias_free_sites: what to do with a Linear / Conv that has no bias. A shift there cannot be folded into the
             weights without adding a bias (a different architecture), so ``"scale_only"`` (default) learns only the
-            scale at such sites and ``"error"`` refuses to adapt them.
+            scale at such sites and ``"error"`` refuses to adapt them. ``"add_bias"`` learns the shift at bias-free
+            linears whose bias the architecture can switch on in its config (LLaMA's ``attention_bias`` /
+            ``mlp_bias``, see ``peft_ssf.bias_switches``): merging writes it as a new bias and ``merge_and_unload``
+            sets the switch, so the merged model loads with plain transformers. Other bias-free sites stay
+            scale-only.
         allow_unmergeable: norms without affine parameters cannot absorb scale and shift. By default targeting one
             is an error; ``True`` adapts it anyway and ``merge`` then refuses with a clear message.
         fused: use the memory-saving training ops (same gradients as the naive formulation, see ``ops.py``).
@@ -131,7 +135,7 @@ class SSFConfig(PeftConfig):
     )
     bias_free_sites: str = field(
         default="scale_only",
-        metadata={"help": "Linear/Conv without bias: 'scale_only' (learn scale only) or 'error'."},
+        metadata={"help": "Linear/Conv without bias: 'scale_only' (learn scale only), 'error' or 'add_bias'."},
     )
     allow_unmergeable: bool = field(
         default=False, metadata={"help": "Allow norms without affine parameters (merge will then refuse)."}

@@ -37,13 +37,40 @@ def _ssf_configs(peft_model: Any) -> dict[str, Any]:
     return {name: cfg for name, cfg in peft_model.peft_config.items() if isinstance(cfg, SSFConfig)}
 
 
-def _pipeline_tag(peft_model: Any) -> Optional[str]:
+#: architecture suffix -> (Auto class of the load snippet, pipeline tag); text entries added for text models
+_TASKS = (
+    ("ForImageClassification", "AutoModelForImageClassification", "image-classification"),
+    ("ForSequenceClassification", "AutoModelForSequenceClassification", "text-classification"),
+    ("ForCausalLM", "AutoModelForCausalLM", "text-generation"),
+    ("ForConditionalGeneration", "AutoModelForSeq2SeqLM", "text2text-generation"),
+)
+
+
+def _architectures(peft_model: Any) -> list[str]:
     base = peft_model.get_base_model()
-    archs = getattr(getattr(base, "config", None), "architectures", None) or [type(base).__name__]
-    if any(a.endswith("ForImageClassification") for a in archs):
-        return "image-classification"
+    return [type(base).__name__, *(getattr(getattr(base, "config", None), "architectures", None) or [])]
+
+
+def _auto_class(peft_model: Any) -> str:
+    archs = _architectures(peft_model)
+    for suffix, auto, _ in _TASKS:
+        if archs[0].endswith(suffix):
+            return auto
+    return "AutoModelForImageClassification" if _is_vision(peft_model) else "AutoModel"
+
+
+def _is_vision(peft_model: Any) -> bool:
+    config = getattr(peft_model.get_base_model(), "config", None)
+    return hasattr(config, "image_size") or hasattr(config, "num_channels")
+
+
+def _pipeline_tag(peft_model: Any) -> Optional[str]:
+    archs = _architectures(peft_model)
+    for suffix, _, tag in _TASKS:
+        if any(a.endswith(suffix) for a in archs):
+            return tag
     if any(a.endswith("Model") for a in archs):
-        return "image-feature-extraction"
+        return "image-feature-extraction" if _is_vision(peft_model) else "feature-extraction"
     return None
 
 
@@ -88,14 +115,14 @@ def _front_matter(peft_model: Any, base: Optional[str], tags: tuple[str, ...]) -
     return "\n".join([*lines, "---"])
 
 
-def _load_snippet(base: Optional[str], name: str) -> str:
+def _load_snippet(base: Optional[str], name: str, auto: str = "AutoModelForImageClassification") -> str:
     base_line = f'"{base}"' if base else '"BASE_MODEL_ID_OR_PATH"  # the model this adapter was trained on'
     return f"""```python
 import peft_ssf  # registers the SSF method with PEFT: needed before loading
 from peft import PeftModel
-from transformers import AutoModelForImageClassification
+from transformers import {auto}
 
-base = AutoModelForImageClassification.from_pretrained({base_line})
+base = {auto}.from_pretrained({base_line})
 model = PeftModel.from_pretrained(base, "{name}")
 ```"""
 
@@ -132,7 +159,7 @@ This is an [SSF](https://arxiv.org/abs/2210.08823) ("Scaling & Shifting Your Fea
 
 ## Load
 
-{_load_snippet(base, repo_id or "path/to/this/adapter")}
+{_load_snippet(base, repo_id or "path/to/this/adapter", _auto_class(peft_model))}
 
 If the adapter has a new classification head, load the base with `num_labels=...` and
 `ignore_mismatched_sizes=True`.

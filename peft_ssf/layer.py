@@ -10,7 +10,9 @@ never guessed from tensor shapes:
 * optionally a fused training forward that stores no extra activations.
 
 Merging: for Linear / Conv / Conv1D ``W' = scale * W`` (per output channel) and ``b' = scale * b + shift``; for the
-norms the affine weight and bias; for Embedding ``E' = scale * E + shift`` (every row). Computed in the wider of
+norms the affine weight and bias; for RMSNorms the weight (Gemma's ``(1 + w)`` form: ``w' = scale * (1 + w) - 1``);
+for Embedding ``E' = scale * E + shift`` (every row). Bias-free layers whose architecture has a config bias switch
+(``BiasAddingLinear`` / ``BiasAddingLayerNorm``) gain a bias holding the shift. Computed in the wider of
 float32 and the weight's own dtype.
 """
 
@@ -750,9 +752,188 @@ def merge_capabilities(module: nn.Module) -> tuple[bool, bool]:
     wrapper = wrapper_for(module)
     if wrapper is None:
         return False, False
+    own = getattr(wrapper, "capabilities_of", None)  # wrappers defined below say it themselves
+    if own is not None:
+        return own(module)
     if issubclass(wrapper, _WeightBiasOp):
         return True, module.bias is not None
     if issubclass(wrapper, _AffineNorm):
         has_weight = getattr(module, "weight", None) is not None
         return has_weight, has_weight and getattr(module, "bias", None) is not None
     return True, True
+
+
+# ----- RMSNorm family (LLaMA, Mistral, Qwen, Phi-3, T5, Gemma) and bias-free Linears that may gain a bias ---------
+def _rms_norm_weight(module: nn.Module) -> Optional[torch.Tensor]:
+    """The per-channel weight of an RMSNorm-like module, or None when ``module`` is not one we recognise.
+
+    Recognised: classes named ``*RMSNorm`` (transformers' and ``torch.nn.RMSNorm``) or ``T5LayerNorm``, with a 1-D
+    ``weight``, an ``eps`` / ``variance_epsilon`` attribute and no bias. Their exact form (``w * n(x)`` or Gemma's
+    ``(1 + w) * n(x)``) is then checked numerically when the wrapper is built.
+    """
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    if not (hasattr(module, "variance_epsilon") or hasattr(module, "eps")):
+        return None
+    if getattr(module, "bias", None) is not None:
+        return None
+    return weight
+
+
+class _RMSNormMeta(type):
+    def __instancecheck__(cls, instance: Any) -> bool:
+        return isinstance(instance, nn.Module) and _rms_norm_weight(instance) is not None
+
+
+class RMSNormLike(metaclass=_RMSNormMeta):
+    """``isinstance(m, RMSNormLike)``: ``m`` is an RMSNorm SSF can fold into (see ``_rms_norm_weight``)."""
+
+
+def _rms_offset(module: nn.Module) -> float:
+    """0.0 when ``module`` computes ``w * n(x)``, 1.0 for Gemma's ``(1 + w) * n(x)``; checked on a probe input.
+
+    Raises TypeError when the output is neither (an RMSNorm variant we do not know: merging would be wrong).
+    """
+    weight = module.weight
+    if weight.device.type == "meta" or _is_dtensor(weight):
+        src = _forward_source(module)  # cannot run it: read the forward instead
+        return 1.0 if ("1.0 + self.weight" in src or "1 + self.weight" in src) else 0.0
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, weight.shape[0], generator=gen, dtype=dtype).to(weight.device)
+    with torch.no_grad():
+        out = module(x).to(dtype)
+        eps = getattr(module, "variance_epsilon", None)
+        eps = getattr(module, "eps", None) if eps is None else eps
+        eps = torch.finfo(dtype).eps if eps is None else eps  # torch.nn.RMSNorm(eps=None)
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        w = weight.detach().to(dtype)
+    tol = 1e-2 if weight.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    scale = 1.0 + n.abs().max().item() * (1.0 + w.abs().max().item())
+    for offset in (0.0, 1.0):
+        if (out - n * (w + offset)).abs().max().item() <= tol * scale:
+            return offset
+    raise TypeError(
+        f"SSF recognised {type(module).__qualname__} as an RMSNorm, but its output is neither weight * x / rms(x) "
+        "nor (1 + weight) * x / rms(x), so SSF could not be merged into it. Exclude it (exclude_modules=[...])."
+    )
+
+
+def _forward_source(module: nn.Module) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+class RMSNorm(_SSFModule):
+    """SSF after an RMSNorm (channels last). Scale folds into the norm weight: ``w' = scale * (w + o) - o`` with
+    ``o = 1`` for Gemma's ``(1 + w)`` form and 0 otherwise. RMSNorms have no bias, so no shift (``capabilities_of``).
+    """
+
+    channel_dim = -1
+    can_absorb_shift = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        self.weight_offset = _rms_offset(base_layer)
+        super().__init__(base_layer, adapter_name, **kwargs)
+
+    @staticmethod
+    def capabilities_of(module: nn.Module) -> tuple[bool, bool]:
+        return True, False
+
+    def _num_channels(self) -> int:
+        return self.get_base_layer().weight.shape[0]
+
+    def _merged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        if shift is not None:
+            raise ValueError(f"{type(self.get_base_layer()).__name__} has no bias to absorb the SSF shift.")
+        w = self.get_base_layer().weight.detach().to(scale.dtype)
+        return {"weight": scale * (w + self.weight_offset) - self.weight_offset}
+
+    def _unmerged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        w = self.get_base_layer().weight.detach().to(scale.dtype)
+        return {"weight": (w + self.weight_offset) / scale - self.weight_offset}
+
+
+class _AddsBias:
+    """Merge math for a bias-free op whose architecture has a config switch for that bias (LLaMA's
+    ``attention_bias`` / ``mlp_bias``, ModernBERT's ``norm_bias``; see ``peft_ssf.bias_switches``), used with
+    ``bias_free_sites="add_bias"``.
+
+    The site learns a shift like any other; merging creates the base layer's ``bias`` holding the folded shift, and
+    unmerging removes it again. ``merge_and_unload`` then turns the config switch on (zero bias where SSF added none),
+    so the merged model is a plain transformers model.
+    """
+
+    def _merged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        base = self.get_base_layer()
+        if base.bias is not None:
+            return super()._merged_params(scale, shift)
+        out = {"weight": base.weight.detach().to(scale.dtype) * self._weight_view(scale)}
+        out["bias"] = shift if shift is not None else torch.zeros_like(scale)
+        return out
+
+    def _write_params(self, new_params: dict[str, torch.Tensor]) -> None:
+        base = self.get_base_layer()
+        if "bias" in new_params and base.bias is None:
+            bias = new_params.pop("bias")
+            base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
+            self.__dict__["_ssf_added_bias"] = True
+        super()._write_params(new_params)
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        if not self.merged and self.__dict__.pop("_ssf_added_bias", False):
+            self.get_base_layer().register_parameter("bias", None)
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.get_base_layer().bias is None and (self._plain_without_bias or not torch.is_grad_enabled()):
+            return SSFLayer._fused_forward(self, x, adapter, *args, **kwargs)  # base op, then the SSF op
+        return super()._fused_forward(x, adapter, *args, **kwargs)
+
+    def get_delta_weight(self, adapter: str) -> dict[str, torch.Tensor]:
+        base = self.get_base_layer()
+        if base.bias is not None:
+            return super().get_delta_weight(adapter)
+        merged = self._merged_params(*self._adapter_tensors(adapter, self._compute_dtype()))
+        merged["weight"] = merged["weight"] - base.weight.detach().to(merged["weight"].dtype)
+        return merged
+
+
+class BiasAddingLinear(_AddsBias, Linear):
+    """SSF with a shift after a bias-free ``nn.Linear`` that a config switch can give a bias (see ``_AddsBias``).
+
+    Training folds scale and shift into the frozen weight as for any Linear; inference without grad runs the base
+    op and then the SSF op (the inference fold needs an existing bias)."""
+
+    _plain_without_bias = False
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.can_absorb_shift = True
+
+
+class BiasAddingLayerNorm(_AddsBias, LayerNorm):
+    """SSF with a shift after a bias-free ``nn.LayerNorm`` that a config switch can give a bias (ModernBERT's
+    ``norm_bias``; see ``_AddsBias``). While unmerged it runs the norm, then the SSF op."""
+
+    _plain_without_bias = True
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, **kwargs)
+        self.can_absorb_shift = True
+
+
+#: wrapper -> its bias-adding variant, for ``bias_free_sites="add_bias"``
+BIAS_ADDING: dict[type, type] = {Linear: BiasAddingLinear, LayerNorm: BiasAddingLayerNorm}
+
+
+LAYER_TYPES = LAYER_TYPES + ((RMSNormLike, RMSNorm),)
+SUPPORTED_TYPE_NAMES = SUPPORTED_TYPE_NAMES + ", RMSNorm (LLaMA / Mistral / Qwen / Phi-3 / Gemma, T5LayerNorm)"

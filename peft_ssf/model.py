@@ -10,13 +10,21 @@ from typing import Any, Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import AuxiliaryTrainingWrapper
+from peft.utils import INCLUDE_LINEAR_LAYERS_SHORTHAND, AuxiliaryTrainingWrapper
 from torch import nn
 
-from . import guard, residual
+from . import bias_switches, guard, residual
 from .config import AdapterFileError, SSFConfig, check_adapter_name
 from .guard import _is_dtensor
-from .layer import BASE_ADAPTER, SUPPORTED_TYPE_NAMES, SSFLayer, _param_device, merge_capabilities, wrapper_for
+from .layer import (
+    BASE_ADAPTER,
+    BIAS_ADDING,
+    SUPPORTED_TYPE_NAMES,
+    SSFLayer,
+    _param_device,
+    merge_capabilities,
+    wrapper_for,
+)
 from .presets import (
     PresetError,
     _examples,
@@ -97,7 +105,10 @@ class SSFModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SSFConfig, model: nn.Module) -> None:
-        if peft_config.target_modules is not None:
+        targets = peft_config.target_modules
+        if isinstance(targets, str) and targets.lower() == INCLUDE_LINEAR_LAYERS_SHORTHAND:
+            return  # PEFT expands "all-linear" right after this hook (every Linear / Conv1D but the output layer)
+        if targets is not None:
             self._check_targets_exist(peft_config, model)
             return
         model_type = self.get_model_config(model).get("model_type")
@@ -179,6 +190,12 @@ class SSFModel(BaseTuner):
             "inference_mode": peft_config.inference_mode,
             "fused": peft_config.fused,
         }
+        wrapper = wrapper_for(base)
+        if kwargs["with_shift"] and wrapper in BIAS_ADDING and getattr(base, "bias", None) is None:
+            wrapper = BIAS_ADDING[wrapper]  # bias_free_sites="add_bias": merging may give the layer a bias
+            if type(target) in BIAS_ADDING:
+                target.__class__ = BIAS_ADDING[type(target)]  # an earlier scale-only adapter: same state
+                target.can_absorb_shift = True
         if isinstance(target, SSFLayer):
             target.update_layer(adapter_name, **kwargs)
             self._register(target)
@@ -196,7 +213,7 @@ class SSFModel(BaseTuner):
                 "their outputs. Exclude it (exclude_modules=[...]), or untie the weights before get_peft_model "
                 "(load the model with tie_word_embeddings=False)."
             )
-        new_module = wrapper_for(target)(target, adapter_name, **kwargs)
+        new_module = wrapper(target, adapter_name, **kwargs)
         new_module.ssf_site_name = current_key  # named in errors (mixed batches)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
@@ -239,6 +256,11 @@ class SSFModel(BaseTuner):
                 )
             return True
         if not can_shift:
+            switchable = bias_switches.switch_for(self.model, key, module) is not None
+            if switchable and config.bias_free_sites == "add_bias":
+                return True  # BiasAddingLinear: merging gives the layer a bias and turns the config switch on
+            if switchable:
+                self.__dict__.setdefault("_switchable_sites", []).append(key)
             if config.bias_free_sites == "error":
                 raise ValueError(
                     f"SSF target '{key}' ({type(module).__name__}) has no bias, so a shift there cannot be merged. "
@@ -250,6 +272,7 @@ class SSFModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         self._scale_only_sites: list[str] = []
+        self._switchable_sites: list[str] = []  # of those, the ones bias_free_sites="add_bias" would give a shift
         self._ssf_tied = shared_parameter_owners(model)
         if config.skip_key_shift and _uses_rotary_embeddings(model):
             raise ValueError(
@@ -261,11 +284,14 @@ class SSFModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SSFConfig, adapter_name: str) -> None:
         sites = getattr(self, "_scale_only_sites", [])
+        switchable = getattr(self, "_switchable_sites", [])
         if sites:
             shown = ", ".join(sites[:5]) + (f", ... ({len(sites)} in all)" if len(sites) > 5 else "")
             warnings.warn(
                 f"SSF adapter '{adapter_name}': {len(sites)} targeted module(s) have no bias, so they learn a scale "
-                f"but no shift (a shift could not be merged): {shown}.",
+                f"but no shift (a shift could not be merged): {shown}."
+                + (f" bias_free_sites='add_bias' would learn a shift at {len(switchable)} of them (merging turns on "
+                   "the model's bias switch)." if switchable else ""),
                 stacklevel=2,
             )
 
@@ -333,13 +359,16 @@ class SSFModel(BaseTuner):
         for layer in layers:
             layer._ssf_unloading = True  # no unmerge can follow: merge keeps no copy of the weights it overwrites
         try:
-            return super()._unload_and_optionally_merge(
+            model = super()._unload_and_optionally_merge(
                 merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
             )
         finally:
             for layer in layers:
                 layer._ssf_unloading = False
                 layer.__dict__.pop("_ssf_premerge", None)
+        if merge:
+            bias_switches.apply_bias_switches(model)  # merged shifts became biases: the config must say so
+        return model
 
     # ----- loading ------------------------------------------------------------------------------------------------
     @classmethod

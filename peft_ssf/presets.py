@@ -11,6 +11,12 @@ q/k/v and output projections, fc1 (before GELU) and fc2, and the final norm (Con
 depthwise conv, block norm, pwconv1, pwconv2, final norm). Patch merging (Swin) and downsampling (ConvNeXt) layers
 are not in the official placement. ``"all"`` adapts every module SSF supports, except task heads.
 
+Text families (BERT, RoBERTa, DistilBERT, DeBERTa-v2, ModernBERT, GPT-2, LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3,
+T5, BART) follow the same rule: after every linear and norm (LayerNorm or RMSNorm) of attention and MLP, plus the
+embeddings' norm and the final norm; never the embeddings or the task head (BERT's pooler counts as head). A
+transformers model type without a preset gets every supported module except embeddings, the output layer and task
+heads, with a warning naming what was chosen; a model without a transformers config still needs ``target_modules``.
+
 Two kinds of module are never chosen by a preset: task heads and everything inside them (``classifier``, ``score``,
 ``qa_outputs``, ``lm_head``, ... and the ``modules_to_save``: they are trained fully, and RoBERTa's
 ``classifier.dense`` is part of its head), and modules whose parameters are shared with another module (tied input
@@ -58,6 +64,132 @@ _CONVNEXT_ROLES: dict[str, list[str]] = {
     "final_norm": [r"^(\w+\.)?layernorm"],
 }
 
+# ----- text: the same rule (after every linear / norm of attention and MLP, the embeddings' norm and the final
+# norm; never the embeddings themselves nor the task head). Roles marked optional (``_OPTIONAL_ROLES``) exist only in
+# some variants of a family (T5 encoders have no cross-attention, T5 v1.1 splits wi into wi_0 / wi_1) and are not
+# reported when missing.
+
+#: BERT, RoBERTa, DeBERTa-v2 (post-LN encoders; BERT's pooler belongs to the classification head)
+_BERT_ROLES: dict[str, list[str]] = {
+    "embeddings_norm": [r"embeddings\.LayerNorm"],
+    "query": [r"attention\.self\.query(_proj)?"],
+    "key": [r"attention\.self\.key(_proj)?"],
+    "value": [r"attention\.self\.value(_proj)?"],
+    "attention_output": [r"attention\.output\.dense"],
+    "norm_after_attention": [r"attention\.output\.LayerNorm"],
+    "fc1": [r"intermediate\.dense"],
+    "fc2": [r"layer\.\d+\.output\.dense"],
+    "norm_after_mlp": [r"layer\.\d+\.output\.LayerNorm"],
+}
+
+_DISTILBERT_ROLES: dict[str, list[str]] = {
+    "embeddings_norm": [r"embeddings\.LayerNorm"],
+    "query": [r"attention\.q_lin"],
+    "key": [r"attention\.k_lin"],
+    "value": [r"attention\.v_lin"],
+    "attention_output": [r"attention\.out_lin"],
+    "norm_after_attention": [r"sa_layer_norm"],
+    "fc1": [r"ffn\.lin1"],
+    "fc2": [r"ffn\.lin2"],
+    "norm_after_mlp": [r"output_layer_norm"],
+}
+
+_MODERNBERT_ROLES: dict[str, list[str]] = {
+    "embeddings_norm": [r"embeddings\.norm"],
+    "norm_before_attention": [r"layers\.\d+\.attn_norm"],
+    "qkv": [r"attn\.Wqkv"],
+    "attention_output": [r"attn\.Wo"],
+    "norm_before_mlp": [r"layers\.\d+\.mlp_norm"],
+    "fc1": [r"mlp\.Wi"],
+    "fc2": [r"mlp\.Wo"],
+    "final_norm": [r"^(\w+\.)?final_norm"],
+}
+
+_GPT2_ROLES: dict[str, list[str]] = {
+    "norm_before_attention": [r"h\.\d+\.ln_1"],
+    "qkv": [r"attn\.c_attn"],
+    "attention_output": [r"attn\.c_proj"],
+    "norm_before_mlp": [r"h\.\d+\.ln_2"],
+    "fc1": [r"mlp\.c_fc"],
+    "fc2": [r"mlp\.c_proj"],
+    "final_norm": [r"^(\w+\.)?ln_f"],
+}
+
+#: LLaMA-style decoders (LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3): RMSNorms, gated MLP, bias-free projections
+_DECODER_ROLES: dict[str, list[str]] = {
+    "norm_before_attention": [r"layers\.\d+\.input_layernorm"],
+    "query": [r"self_attn\.q_proj"],
+    "key": [r"self_attn\.k_proj"],
+    "value": [r"self_attn\.v_proj"],
+    "attention_output": [r"self_attn\.o_proj"],
+    "norm_after_attention": [r"layers\.\d+\.post_attention_layernorm"],
+    "gate": [r"mlp\.gate_proj"],
+    "fc1": [r"mlp\.up_proj"],
+    "fc2": [r"mlp\.down_proj"],
+    "final_norm": [r"^(\w+\.)?norm"],
+}
+
+_QK_NORM_ROLES: dict[str, list[str]] = {  # Qwen3 / Gemma3: RMSNorm of queries and keys (per head)
+    "query_norm": [r"self_attn\.q_norm"],
+    "key_norm": [r"self_attn\.k_norm"],
+}
+
+_SANDWICH_NORM_ROLES: dict[str, list[str]] = {  # Gemma2 / Gemma3: norms around the MLP as well
+    "norm_before_mlp": [r"layers\.\d+\.pre_feedforward_layernorm"],
+    "norm_after_mlp": [r"layers\.\d+\.post_feedforward_layernorm"],
+}
+
+_PHI3_ROLES: dict[str, list[str]] = {
+    "norm_before_attention": [r"layers\.\d+\.input_layernorm"],
+    "qkv": [r"self_attn\.qkv_proj"],
+    "attention_output": [r"self_attn\.o_proj"],
+    "norm_after_attention": [r"layers\.\d+\.post_attention_layernorm"],
+    "fc1": [r"mlp\.gate_up_proj"],
+    "fc2": [r"mlp\.down_proj"],
+    "final_norm": [r"^(\w+\.)?norm"],
+}
+
+_T5_ROLES: dict[str, list[str]] = {
+    "norm": [r"block\.\d+\.layer\.\d+\.layer_norm"],
+    "query": [r"SelfAttention\.q"],
+    "key": [r"SelfAttention\.k"],
+    "value": [r"SelfAttention\.v"],
+    "attention_output": [r"SelfAttention\.o"],
+    "cross_query": [r"EncDecAttention\.q"],
+    "cross_key": [r"EncDecAttention\.k"],
+    "cross_value": [r"EncDecAttention\.v"],
+    "cross_attention_output": [r"EncDecAttention\.o"],
+    "fc1_plain": [r"DenseReluDense\.wi"],
+    "fc1_gated": [r"DenseReluDense\.wi_[01]"],
+    "fc2": [r"DenseReluDense\.wo"],
+    "final_norm": [r"final_layer_norm"],
+}
+
+_BART_ROLES: dict[str, list[str]] = {
+    "embeddings_norm": [r"layernorm_embedding"],
+    "query": [r"self_attn\.q_proj"],
+    "key": [r"self_attn\.k_proj"],
+    "value": [r"self_attn\.v_proj"],
+    "attention_output": [r"self_attn\.out_proj"],
+    "norm_after_attention": [r"self_attn_layer_norm"],
+    "cross_query": [r"encoder_attn\.q_proj"],
+    "cross_key": [r"encoder_attn\.k_proj"],
+    "cross_value": [r"encoder_attn\.v_proj"],
+    "cross_attention_output": [r"encoder_attn\.out_proj"],
+    "norm_after_cross_attention": [r"encoder_attn_layer_norm"],
+    "fc1": [r"layers\.\d+\.fc1"],
+    "fc2": [r"layers\.\d+\.fc2"],
+    "norm_after_mlp": [r"layers\.\d+\.final_layer_norm"],
+    "final_norm_prenorm": [r"(encoder|decoder)\.layer_norm"],  # mBART-style pre-LN variants
+}
+
+#: roles that only some variants of a family have (encoder-only T5, T5 v1.1's gated MLP, mBART's final norms):
+#: never reported as missing
+_OPTIONAL_ROLES = frozenset(
+    {"cross_query", "cross_key", "cross_value", "cross_attention_output", "norm_after_cross_attention", "fc1_plain",
+     "fc1_gated", "final_norm_prenorm"}
+)
+
 #: model_type -> roles of the official ("paper") placement
 PAPER_ROLES: dict[str, dict[str, list[str]]] = {
     "vit": _VIT_ROLES,
@@ -69,6 +201,26 @@ PAPER_ROLES: dict[str, dict[str, list[str]]] = {
     "swinv2": _SWIN_ROLES,
     "convnext": _CONVNEXT_ROLES,
     "convnextv2": _CONVNEXT_ROLES,
+    # text
+    "bert": _BERT_ROLES,
+    "roberta": _BERT_ROLES,
+    "xlm-roberta": _BERT_ROLES,
+    "deberta-v2": _BERT_ROLES,
+    "distilbert": _DISTILBERT_ROLES,
+    "modernbert": _MODERNBERT_ROLES,
+    "gpt2": _GPT2_ROLES,
+    "llama": _DECODER_ROLES,
+    "mistral": _DECODER_ROLES,
+    "qwen2": _DECODER_ROLES,
+    "qwen3": {**_DECODER_ROLES, **_QK_NORM_ROLES},
+    "gemma": _DECODER_ROLES,
+    "gemma2": {**_DECODER_ROLES, **_SANDWICH_NORM_ROLES},
+    "gemma3_text": {**_DECODER_ROLES, **_SANDWICH_NORM_ROLES, **_QK_NORM_ROLES},
+    "phi3": _PHI3_ROLES,
+    "t5": _T5_ROLES,
+    "mt5": _T5_ROLES,
+    "bart": _BART_ROLES,
+    "mbart": _BART_ROLES,
 }
 
 #: task heads: never adapted by a preset, nor anything inside them (they are replaced / trained fully)
@@ -171,6 +323,8 @@ def resolve_preset(
             )
         return candidates
     roles = PAPER_ROLES.get(model_type or "")
+    if roles is None and model_type not in (None, "custom") and getattr(model, "config", None) is not None:
+        return _default_placement(model, model_type, candidates)
     if roles is None:
         raise PresetError(
             f"No SSF preset for model_type {model_type!r} (presets exist for {sorted(PAPER_ROLES)}). Pass "
@@ -189,6 +343,7 @@ def resolve_preset(
             f"version names its modules differently. Pass target_modules explicitly, e.g. some of: "
             f"{_examples(candidates)}."
         )
+    missing = [role for role in missing if role not in _OPTIONAL_ROLES]
     if missing:
         warnings.warn(
             f"SSF preset '{placement}' for {model_type!r}: no module found for role(s) {missing}; adapting the other "
@@ -197,6 +352,44 @@ def resolve_preset(
         )
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return sorted(chosen, key=order.__getitem__)
+
+
+#: name components of task heads and poolers that the default placement of an unknown model type leaves alone
+_HEAD_PARTS = frozenset(_HEAD_NAMES) | {"pooler", "pre_classifier", "qa_outputs", "cls", "lm_head", "heads"}
+
+
+def _default_placement(model: nn.Module, model_type: str, candidates: list[str]) -> list[str]:
+    """Placement for a transformers model type without a preset: the paper's rule read generically.
+
+    Every supported module (linears, convs, norms) except embeddings, the output layer and anything inside a task
+    head or pooler; the user is told what was chosen.
+    """
+    modules = dict(model.named_modules())
+    skip = set()
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    for name in candidates:
+        module = modules[name]
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        if isinstance(base, nn.Embedding) or base is output or module is output:
+            skip.add(name)
+        elif any(part in _HEAD_PARTS for part in name.split(".")):
+            skip.add(name)
+    chosen = [n for n in candidates if n not in skip]
+    if not chosen:
+        raise PresetError(
+            f"No SSF preset for model_type {model_type!r}, and this model has no supported module outside its "
+            f"embeddings and heads. Pass target_modules explicitly, e.g. some of: {_examples(candidates)}."
+        )
+    kinds = sorted({type(modules[n].get_base_layer() if hasattr(modules[n], "get_base_layer") else modules[n]).__name__
+                    for n in chosen})
+    warnings.warn(
+        f"No SSF preset for model_type {model_type!r}: adapting every supported module except embeddings, the output "
+        f"layer and task heads ({len(chosen)} modules of types {kinds}, e.g. {_examples(chosen, 4)}). Pass "
+        "target_modules to choose yourself.",
+        stacklevel=3,
+    )
+    return chosen
 
 
 def _examples(names: list[str], k: int = 8) -> str:

@@ -305,6 +305,10 @@ def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> di
         check_output_dir(out, args.overwrite_output_dir)
     set_seed(args.seed)
     ds = load_image_dataset(args.dataset, seed=args.seed, progress=not args.no_progress)
+    from .engine import text  # a text column and no image column: sequence classification (engine/text.py)
+
+    if text.is_text_dataset(ds):
+        return text.train_text(args, ds, stop_after_step)
     image_col, label_col = image_and_label_columns(ds)
     if args.max_train_samples:
         ds["train"] = ds["train"].select(range(min(args.max_train_samples, len(ds["train"]))))

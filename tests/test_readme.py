@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_vit
+from text_models import write_readme_stand_ins
 
 REPO = Path(__file__).resolve().parents[1]
 UNTESTED = re.compile(r"#\s*\[untested:\s*(?P<reason>[^\]]*)\]")
@@ -28,6 +29,9 @@ STAND_INS = [  # (pattern, replacement): tiny and offline instead of big or onli
     (r"^make demo\b.*$", "peft-ssf demo --quick --overwrite --no_progress --out ssf-demo-output"),
     (r"--epochs \d+", "--epochs 1"),
     (r"--steps \d+", "--steps 2"),
+    (r"HuggingFaceTB/SmolLM2-135M", "{tiny_llama}"),  # text stand-ins: tests/text_models.write_readme_stand_ins
+    (r"distilbert/distilbert-base-uncased", "{tiny_distilbert}"),
+    (r"stanfordnlp/imdb", "{tiny_imdb}"),
 ]
 LINKED = ("peft_ssf", "peft_ssf_cli", "examples", "benchmarks", "scripts", "docs", "pyproject.toml")
 
@@ -73,7 +77,7 @@ def _workspace(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     for name in LINKED:
         (tmp_path / name).symlink_to(REPO / name)
     tiny_vit(num_labels=5).save_pretrained(tmp_path / "tiny-vit")
-    return tmp_path, {"tiny_vit": str(tmp_path / "tiny-vit")}
+    return tmp_path, {"tiny_vit": str(tmp_path / "tiny-vit"), **write_readme_stand_ins(tmp_path / "text")}
 
 
 def run_document(doc: Path, tmp_path: Path) -> tuple[int, set[int]]:

@@ -34,7 +34,7 @@ def test_misspelled_option_suggests_the_right_name():
         ({"preset": "papr"}, "Unknown SSF preset 'papr'"),
         ({"preset": "all", "target_modules": ["q_proj"]}, "both preset='all' and target_modules"),
         ({"init_weights": "gaussian"}, "init_weights must be"),
-        ({"bias_free_sites": "add_bias"}, "bias_free_sites must be"),
+        ({"bias_free_sites": "add_biases"}, "bias_free_sites must be"),
         ({"layers_pattern": "layers"}, "only makes sense together with layers_to_transform"),
         ({"target_modules": ".*q_proj", "layers_to_transform": [0]}, "cannot be combined with a regex"),
     ],
