@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,17 +39,27 @@ def test_import_peft_ssf_loads_nothing_beyond_peft_but_the_core():
     assert not [m for m in ours if m.startswith(APP_MODULES)]
 
 
-def test_help_is_fast_and_imports_no_framework():
-    modules = _modules_after("import peft_ssf_cli\npeft_ssf_cli.build_parser().format_help()")
-    assert not {"torch", "transformers", "peft", "peft_ssf"} & modules
-    script = Path(sys.executable).with_name("peft-ssf")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "peft_ssf_cli"]
-    for args in (["--help"], ["train", "--help"], ["demo", "--help"]):
-        start = time.perf_counter()
-        res = subprocess.run(command + args, capture_output=True, text=True, timeout=60)
-        seconds = time.perf_counter() - start
-        assert res.returncode == 0 and "usage: peft-ssf" in res.stdout, res.stderr
-        assert seconds < 1.0, f"peft-ssf {' '.join(args)} took {seconds:.2f} s"
+HEAVY = {"torch", "transformers", "peft", "peft_ssf", "datasets", "numpy", "safetensors", "huggingface_hub"}
+
+
+def _modules_after_cli(args: list[str]) -> tuple[int, str, set[str]]:
+    """Run ``peft-ssf ARGS`` in a fresh interpreter; (exit status, stdout, modules imported by then)."""
+    code = ("import runpy, sys\nsys.argv = ['peft-ssf', *sys.argv[1:]]\nstatus = 0\ntry:\n"
+            "    runpy.run_module('peft_ssf_cli', run_name='__main__')\nexcept SystemExit as exc:\n"
+            "    status = exc.code or 0\nprint('MODULES', *sorted(sys.modules))\nsys.exit(status)")
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    head, _, modules = res.stdout.rpartition("MODULES ")
+    return res.returncode, head, set(modules.split())
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["demo", "--help"], ["merge", "--help"],
+                                  ["push", "--help"]])
+def test_help_imports_no_framework(args):
+    """`--help` is answered by the standard library alone (what makes it fast; the timing is in
+    benchmarks/cli_startup.py, never asserted in a test)."""
+    status, out, modules = _modules_after_cli(args)
+    assert status == 0 and "usage: peft-ssf" in out, out
+    assert not {m.split(".")[0] for m in modules} & HEAVY, sorted({m.split(".")[0] for m in modules} & HEAVY)
 
 
 def _import_graph() -> dict[str, set[str]]:
