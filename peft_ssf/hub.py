@@ -21,6 +21,8 @@ from typing import Any, Optional, Union
 from huggingface_hub import HfApi
 
 LIBRARY_TAGS = ("ssf", "peft-ssf")
+#: file next to adapter_config.json with the head's class names: {"id2label": {"0": name, ...}, "label2id": {...}}
+LABELS_FILE = "labels.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -29,6 +31,28 @@ def hub_base_model(name_or_path: Optional[str]) -> Optional[str]:
     if not name_or_path or Path(name_or_path).expanduser().exists() or not _REPO_ID.match(name_or_path):
         return None
     return name_or_path
+
+
+def _default_labels(id2label: dict[int, str]) -> bool:
+    return all(name == f"LABEL_{i}" for i, name in id2label.items())
+
+
+def save_labels(model: Any, directory: Union[str, Path]) -> Optional[Path]:
+    """Write the class names of `model`'s head (a PeftModel or a transformers model) to ``directory/labels.json``.
+
+    Nothing is written for a model without a classification config or with transformers' placeholder names
+    (``LABEL_i``). Returns the file written, if any.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    id2label = getattr(getattr(base, "config", None), "id2label", None)
+    if not id2label or _default_labels({int(k): v for k, v in id2label.items()}):
+        return None
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    content = {"id2label": {str(k): v for k, v in sorted(id2label.items())},
+               "label2id": {v: k for k, v in sorted(id2label.items())}}
+    path = Path(directory) / LABELS_FILE
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
 
 
 def _ssf_configs(peft_model: Any) -> dict[str, Any]:
@@ -165,8 +189,10 @@ def write_model_card(peft_model: Any, directory: Union[str, Path], repo_id: Opti
                      tags: tuple[str, ...] = ()) -> Path:
     """Write our card as ``directory/README.md`` for the adapter ``save_pretrained`` just wrote there.
 
-    Replaces PEFT's generic card, and drops a machine path from that directory's adapter_config.json.
+    Replaces PEFT's generic card, drops a machine path from that directory's adapter_config.json, and saves the
+    head's class names beside it (``save_labels``) so a merged or reloaded model keeps them.
     """
+    save_labels(peft_model, directory)
     adapter = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
     cfg = _hub_safe_config(Path(directory) / "adapter_config.json")
     path = Path(directory) / "README.md"
@@ -187,7 +213,7 @@ def push_adapter_to_hub(
     max_shard_size: Union[int, str, None] = "50GB",
     tags: Optional[list[str]] = None,
 ) -> Any:
-    """Upload adapter_config.json, adapter_model.safetensors and our README.md to ``repo_id``.
+    """Upload adapter_config.json, adapter_model.safetensors, labels.json and our README.md to ``repo_id``.
 
     The arguments are those of transformers' ``PushToHubMixin.push_to_hub`` with the same meaning (``token=True``:
     the token of ``hf auth login``; ``revision``: a branch, created if missing; ``create_pr``: open a pull request).

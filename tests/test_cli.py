@@ -209,3 +209,34 @@ def test_merge_writes_a_deployable_model(adapters, capsys):
     assert "merged model written" in capsys.readouterr().out
     assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"height": 32, "width": 32}
     assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 3
+
+
+def test_merge_and_load_model_restore_the_class_names(tmp_path, capsys):
+    """Issue 24.2: the adapter stores id2label / label2id (labels.json); merge and engine.load_model restore them."""
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from peft_ssf.engine import load_model
+    from peft_ssf.hub import write_model_card
+
+    names = {0: "cat", 1: "dog", 2: "fish"}
+    base = tiny_vit(num_labels=3)
+    base.save_pretrained(tmp_path / "base")  # the base's own head: LABEL_0..2
+    trained = tiny_vit(num_labels=3)
+    trained.config.id2label, trained.config.label2id = names, {v: k for k, v in names.items()}
+    model = get_peft_model(trained, SSFConfig(modules_to_save=["classifier"]))
+    model.save_pretrained(tmp_path / "adapter")
+    write_model_card(model, tmp_path / "adapter")
+    stored = json.loads((tmp_path / "adapter" / "labels.json").read_text())
+    assert stored == {"id2label": {"0": "cat", "1": "dog", "2": "fish"}, "label2id": {"cat": 0, "dog": 1, "fish": 2}}
+    assert load_model(tmp_path / "adapter", tmp_path / "base").config.id2label == names
+    assert load_model(tmp_path / "adapter", tmp_path / "base", merge=True).config.label2id == {"cat": 0, "dog": 1,
+                                                                                               "fish": 2}
+    out = tmp_path / "deploy"
+    assert peft_ssf_cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                              "--out", str(out), "--no_progress"]) == 0
+    assert AutoModelForImageClassification.from_pretrained(out).config.id2label == names
+    classify = pipeline("image-classification", model=str(out), device="cpu")
+    from PIL import Image
+
+    result = classify(Image.new("RGB", (32, 32), (200, 30, 30)), top_k=3)
+    assert sorted(r["label"] for r in result) == ["cat", "dog", "fish"]

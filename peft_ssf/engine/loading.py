@@ -5,6 +5,11 @@ method, SSF included), anything else a transformers checkpoint (directory or Hub
 ``modules_to_save`` head has another size than the base's gets a base with a head of that size, so adapters
 trained on a new label set load without mismatch errors (``AutoPeftModel`` cannot do that: it loads the base
 as saved).
+
+The class names of an adapter's head (``id2label`` / ``label2id``) are not part of PEFT's adapter files, so the apps
+save them next to ``adapter_config.json`` as ``labels.json`` (``save_labels``) and every model rebuilt from an
+adapter gets them back (``load_adapter``; ``peft-ssf merge`` then writes them into the merged ``config.json``, so
+transformers' pipeline prints the real class names instead of ``LABEL_0``).
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ from typing import Optional, Union
 from torch import nn
 
 from ..errors import UserError
+from ..hub import LABELS_FILE
 from .methods import HEAD_NAMES, load_classifier
 
 PathLike = Union[str, Path]
+
 
 
 class AdapterLoadError(UserError, ValueError):
@@ -51,6 +58,27 @@ def adapter_head_size(adapter_dir: PathLike) -> Optional[int]:
     return None
 
 
+def read_labels(adapter_dir: PathLike) -> Optional[dict[int, str]]:
+    """``id2label`` stored with an adapter by ``save_labels`` (None when the adapter has none)."""
+    path = Path(adapter_dir) / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())["id2label"]
+        return {int(k): str(v) for k, v in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise AdapterLoadError(f"{path} is not a labels file of peft-ssf ({exc}); delete it or fix it") from exc
+
+
+def apply_labels(model: nn.Module, id2label: Optional[dict[int, str]]) -> nn.Module:
+    """Give ``model``'s config the class names ``id2label`` when they fit its head (same number of classes)."""
+    config = getattr(model, "config", None)
+    if id2label and config is not None and getattr(config, "num_labels", None) == len(id2label):
+        config.id2label = dict(id2label)
+        config.label2id = {v: k for k, v in id2label.items()}
+    return model
+
+
 def resolve_base(adapter_dir: Path, base: Optional[PathLike] = None) -> str:
     """The base model to load: ``base`` if given, else the one the adapter config records (a path or Hub id)."""
     if base:
@@ -81,9 +109,11 @@ def load_adapter(adapter: PathLike, base: Optional[PathLike] = None, merge: bool
                                "save_pretrained?")
     base_path = resolve_base(adapter_dir, base)
     head = adapter_head_size(adapter_dir)
+    labels = read_labels(adapter_dir)
     try:
         same_head = head is None or AutoConfig.from_pretrained(base_path).num_labels == head
-        model = load_pretrained(base_path, None if same_head else {i: f"LABEL_{i}" for i in range(head)})
+        new_labels = labels if labels and len(labels) == head else {i: f"LABEL_{i}" for i in range(head or 0)}
+        model = apply_labels(load_pretrained(base_path, None if same_head else new_labels), labels)
     except OSError as exc:
         raise AdapterLoadError(f"cannot load the base model {base_path!r} of {adapter_dir} "
                                f"({str(exc).splitlines()[0]}); pass --base PATH_OR_ID") from exc
