@@ -22,7 +22,7 @@ from torch import nn
 
 from .layer import wrapper_for
 
-PLACEMENTS = ("paper", "all")
+PRESETS = ("paper", "all")
 
 _VIT_ROLES: dict[str, list[str]] = {
     "patch_embed": [r"embeddings\.patch_embeddings\.projection"],
@@ -117,8 +117,8 @@ def resolve_preset(
     Raises:
         PresetError: unknown model type (for "paper"), or nothing in the model matched.
     """
-    if placement not in PLACEMENTS:
-        raise PresetError(f"Unknown SSF preset {placement!r}; choose one of {list(PLACEMENTS)}.")
+    if placement not in PRESETS:
+        raise PresetError(f"Unknown SSF preset {placement!r}; choose one of {list(PRESETS)}.")
     skip = tuple(modules_to_save or ()) + _HEAD_NAMES
     candidates = [
         n for n in supported_module_names(model) if not any(n == s or n.endswith("." + s) for s in skip)

@@ -18,8 +18,8 @@ import peft_ssf_cli
 from peft_ssf import SSFConfig
 
 REPO = Path(__file__).resolve().parents[1]
-APP_MODULES = ("peft_ssf.train", "peft_ssf.cli", "peft_ssf.demo", "peft_ssf.analysis", "peft_ssf.engine",
-               "peft_ssf_cli")
+APP_MODULES = ("peft_ssf.train", "peft_ssf_cli", "peft_ssf.demo", "peft_ssf.analysis", "peft_ssf.engine",
+               "peft_ssf_cli.commands")
 HEAVY_EXTRAS = ("datasets", "evaluate", "matplotlib")
 
 
@@ -125,49 +125,131 @@ def test_every_option_has_help_and_shows_its_default():
             assert "default" in shown or "(required)" in shown, f"{command} {action.option_strings[0]}: {shown}"
 
 
+def _image_dir(root: Path, classes: tuple[str, ...], per_class: int = 2) -> Path:
+    from PIL import Image
+
+    for split in ("train", "validation"):
+        for i, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for j in range(per_class):
+                Image.new("RGB", (16, 16), (40 * i, 7 * j, 90)).save(root / split / name / f"{j}.png")
+    return root
+
+
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory):
+    import shutil
+
+    from conftest import tiny_swin
+    from datasets import Dataset, DatasetDict, Features, Image, Value
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from peft_ssf.hub import write_model_card
+
     root = tmp_path_factory.mktemp("cli")
     tiny_vit(num_labels=3).save_pretrained(root / "base")
+    tiny_swin(num_labels=3).save_pretrained(root / "swin")
+    ViTForImageClassification(ViTConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, image_size=32, patch_size=8, num_labels=3)
+                              ).save_pretrained(root / "wide")
     model = get_peft_model(tiny_vit(num_labels=3), SSFConfig(modules_to_save=["classifier"]))
     model.save_pretrained(root / "no_base")  # built from a config: records no base model
+    write_model_card(model, root / "no_base")
+    shutil.copytree(root / "no_base", root / "corrupt")
+    weights = root / "corrupt" / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[8:24] = b"{not json at all"  # the header
+    weights.write_bytes(bytes(raw))
+    (root / "fifo").mkdir()
+    shutil.copy(root / "no_base" / "adapter_config.json", root / "fifo")
+    os.mkfifo(root / "fifo" / "adapter_model.safetensors")
     (root / "occupied").mkdir()
     (root / "occupied" / "keep.txt").write_text("x")
     (root / "data" / "train" / "a").mkdir(parents=True)
+    _image_dir(root / "images", ("cat", "dog"))
+    _image_dir(root / "one_class", ("cat",))
+    rows = [{"picture": f"{root}/images/train/cat/0.png", "category": 0},
+            {"picture": f"{root}/images/train/dog/0.png", "category": 1}]
+    features = Features({"picture": Image(), "category": Value("int64")})
+    DatasetDict({s: Dataset.from_list(rows, features=features) for s in ("train", "validation")}
+                ).save_to_disk(str(root / "category"))
+    (root / "afile").write_text("a file, not a directory")
     return root
 
 
 def _bad_invocations(root: Path) -> list[tuple[list[str], str]]:
     """(argv, what the one-line error must say) for every subcommand."""
     base, occupied, data = str(root / "base"), str(root / "occupied"), str(root / "data")
-    out, missing = str(root / "new"), str(root / "missing")
+    out, missing, adapter = str(root / "new"), str(root / "missing"), str(root / "no_base")
     train = ["train", "--model", base, "--dataset", data, "--output_dir"]
+    images = ["train", "--model", base, "--dataset", str(root / "images"), "--output_dir", out, "--no_progress"]
+    merge = ["merge", "--no_progress", "--adapter", adapter, "--base", base, "--output_dir"]
     return [
         (["bogus"], "invalid choice: 'bogus'"),
-        (["train"], "the following arguments are required: --model, --dataset, --output_dir"),
+        (["train"], "the following arguments are required: --model, --dataset, --output_dir/--out"),
         ([*train, out, "--epochs", "many"], "argument --epochs: invalid float value: 'many'"),
+        ([*train, out, "--epochs", "-1"], "argument --epochs: must be a positive number, got -1"),
+        ([*train, out, "--epochs", "0"], "argument --epochs: must be a positive number, got 0"),
+        ([*train, out, "--batch_size", "0"], "argument --batch_size: must be a positive integer, got 0"),
+        ([*train, out, "--max_steps", "0"], "argument --max_steps: must be -1 (use --epochs) or a positive"),
+        ([*train, out, "--threads", "0"], "argument --threads: must be a positive integer"),
+        ([*train, out, "--overwrite_out"], "unrecognized arguments: --overwrite_out"),  # no prefix matching
         ([*train, occupied], "already exists and is not empty"),
+        ([*train, str(root / "afile" / "run")], "is a file, not a directory"),
         ([*train, out, "--method", "full", "--save_merged"], "--save_merged and --push_to_hub apply to SSF"),
         (["train", "--model", base, "--dataset", missing, "--output_dir", out], "cannot load dataset"),
-        (["train", "--model", missing, "--dataset", data, "--output_dir", out], "cannot load"),
+        (["train", "--model", missing, "--dataset", data, "--output_dir", out], f"model {missing!r} does not exist"),
+        ([*images, "--target_modules", "qkv,fc3"], "cannot apply ssf to"),
+        (["train", "--model", base, "--dataset", str(root / "one_class"), "--output_dir", out, "--no_progress"],
+         "an imagefolder needs one folder per class and at least two classes"),
+        (["train", "--model", base, "--dataset", str(root / "category"), "--output_dir", out],
+         "no image / label column among the dataset's columns (picture, category): name it with --image_column "
+         "and --label_column"),
+        (["train", "--model", base, "--dataset", str(root / "category"), "--output_dir", out, "--image_column",
+          "picture"], "no label column among the dataset's columns (picture, category): name it with --label_column"),
+        (["train", "--model", base, "--dataset", str(root / "category"), "--output_dir", out, "--image_column",
+          "picture", "--label_column", "label"], "--label_column 'label' is not a column of the dataset"),
         (["merge", "--adapter", missing, "--out", out], "has no adapter_config.json"),
-        (["merge", "--adapter", str(root / "no_base"), "--out", out], "records no base model: pass --base"),
-        (["merge", "--adapter", str(root / "no_base"), "--base", missing, "--out", out], "cannot load the base"),
-        (["merge", "--adapter", str(root / "no_base"), "--base", base, "--out", occupied], "already exists"),
-        (["merge", "--adapter", str(root / "no_base")], "the following arguments are required: --out"),
+        (["merge", "--adapter", adapter, "--out", out], "records no base model: pass --base"),
+        ([*merge[:-2], missing, "--out", out], f"base model {missing!r} does not exist"),
+        ([*merge, occupied], "already exists"),
+        ([*merge, str(root / "afile" / "x")], "is a file, not a directory"),
+        (["merge", "--no_progress", "--adapter", str(root / "corrupt"), "--base", base, "--out", out],
+         "cannot load the adapter"),
+        (["merge", "--no_progress", "--adapter", adapter, "--base", str(root / "swin"), "--out", out],
+         "does not fit the base model"),
+        (["merge", "--no_progress", "--adapter", adapter, "--base", str(root / "wide"), "--out", out],
+         "first mismatching layer base_model.model.vit.embeddings.patch_embeddings.projection.ssf_scale.default"
+         ": adapter torch.Size([32]), base torch.Size([48])"),
+        (["merge", "--adapter", str(root / "fifo"), "--base", base, "--out", out], "is not a regular file"),
+        ([*merge, adapter, "--overwrite"], f"--output_dir {adapter} is --adapter"),
+        ([*merge, base, "--overwrite_output_dir"], f"--output_dir {base} is --base"),
+        ([*merge, str(root / "no_base" / "merged")], "is inside --adapter"),
+        ([*merge, str(root), "--overwrite"], "contains --adapter"),
+        (["merge", "--adapter", adapter], "the following arguments are required: --output_dir/--out"),
         (["push", "--repo_id", "a/b"], "the following arguments are required: --adapter"),
         (["push", "--adapter", missing, "--repo_id", "a/b"], "has no adapter_config.json"),
+        (["push", "--adapter", adapter, "--base", missing, "--repo_id", "a/b"], "does not exist"),
+        (["push", "--adapter", adapter, "--base", base, "--repo_id", "a/b"], "the upload to a/b failed"),
         (["demo", "--task", "nope"], "invalid choice: 'nope'"),
         (["demo", "--out", occupied], "already exists and is not empty"),
         (["demo", "--threads", "two"], "invalid int value: 'two'"),
+        (["demo", "--epochs", "0"], "argument --epochs: must be a positive number, got 0"),
         (["analyze"], "the following arguments are required"),
         (["analyze", "--pretrained", missing, "--finetuned", missing, "--images", data, "--out", out],
          "not found"),
     ]
 
 
-def test_bad_invocations_are_one_line_errors_with_status_2(adapters, capsys):
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` with its size and modification time (what "nothing written" compares)."""
+    return {str(p.relative_to(root)): (p.lstat().st_size, p.lstat().st_mtime_ns) for p in root.rglob("*")}
+
+
+def test_bad_invocations_are_one_line_errors_with_status_2_and_write_nothing(adapters, capsys):
+    """Issues 24.3 / 24.4 / 25.6 / 25.13: each invocation is one line on stderr, exit 2, nothing written."""
     for argv, expected in _bad_invocations(adapters):
+        before = _tree(adapters)
         try:
             status = peft_ssf_cli.main(argv)
         except SystemExit as exc:  # argparse's own exit
@@ -178,6 +260,7 @@ def test_bad_invocations_are_one_line_errors_with_status_2(adapters, capsys):
         assert len(lines) == 1 and lines[0].startswith("peft-ssf"), (argv, err)
         assert expected in lines[0], (argv, lines[0])
         assert "Traceback" not in out + err
+        assert _tree(adapters) == before, (argv, set(_tree(adapters)) ^ set(before))
 
 
 def test_console_script_errors_have_no_traceback(adapters):

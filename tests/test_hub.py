@@ -46,6 +46,7 @@ def captured(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "repo_exists", lambda self, repo_id, **kw: repo_id.startswith("google/"))
     return calls
 
 
