@@ -266,6 +266,7 @@ def _add_merge_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="seconds the upload may take before it is abandoned (the Hub client itself has no timeout)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Upload an adapter directory with our model card (within ``--timeout`` seconds)."""
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if args.base:
         check_model_path(args.base, "base model")
     peft_model = load_adapter(args.adapter, args.base)

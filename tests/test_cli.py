@@ -230,7 +230,8 @@ def _bad_invocations(root: Path) -> list[tuple[list[str], str]]:
         (["push", "--repo_id", "a/b"], "the following arguments are required: --adapter"),
         (["push", "--adapter", missing, "--repo_id", "a/b"], "has no adapter_config.json"),
         (["push", "--adapter", adapter, "--base", missing, "--repo_id", "a/b"], "does not exist"),
-        (["push", "--adapter", adapter, "--base", base, "--repo_id", "a/b"], "the upload to a/b failed"),
+        (["push", "--no_progress", "--adapter", adapter, "--base", base, "--repo_id", "a/b"],
+         "the upload to a/b failed"),
         (["demo", "--task", "nope"], "invalid choice: 'nope'"),
         (["demo", "--out", occupied], "already exists and is not empty"),
         (["demo", "--threads", "two"], "invalid int value: 'two'"),
@@ -323,3 +324,76 @@ def test_merge_and_load_model_restore_the_class_names(tmp_path, capsys):
 
     result = classify(Image.new("RGB", (32, 32), (200, 30, 30)), top_k=3)
     assert sorted(r["label"] for r in result) == ["cat", "dog", "fish"]
+
+
+def test_push_is_bounded_by_its_timeout(adapters, capsys, monkeypatch):
+    """Issue 25.11: a Hub that never answers: the push gives up after --timeout with one line, exit 2."""
+    import threading
+
+    from huggingface_hub import HfApi
+
+    release = threading.Event()
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: release.wait(60))
+    try:
+        status = peft_ssf_cli.main(["push", "--adapter", str(adapters / "no_base"), "--base", str(adapters / "base"),
+                                    "--repo_id", "a/b", "--timeout", "0.5", "--no_progress"])
+    finally:
+        release.set()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("peft-ssf push: error: the upload to a/b did not finish within 0.5 s")
+
+
+def test_push_without_network_is_one_line(adapters, capsys, monkeypatch):
+    """Issue 24.4 / 25.13: a connection error during the push (the 83-line double traceback before)."""
+    from huggingface_hub import HfApi
+
+    def no_network(self, repo_id, **kwargs):
+        raise ConnectionError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    status = peft_ssf_cli.main(["push", "--adapter", str(adapters / "no_base"), "--base", str(adapters / "base"),
+                                "--repo_id", "a/b", "--no_progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == ["peft-ssf push: error: the upload to a/b failed (ConnectionError: [Errno 111] "
+                                   "Connection refused); nothing local was changed: check the network and your token "
+                                   "(`hf auth login`), then retry"]
+
+
+def test_one_option_convention_with_dash_aliases():
+    """Issue 24.9: underscores (transformers' examples), dashes accepted, the same names in every command."""
+    parser = peft_ssf_cli.build_parser()
+    dashed = parser.parse_args(["train", "--model", "m", "--dataset", "d", "--output-dir", "o",
+                                "--overwrite-output-dir", "--no-progress", "--batch-size", "4"])
+    plain = parser.parse_args(["train", "--model", "m", "--dataset", "d", "--output_dir", "o",
+                               "--overwrite_output_dir", "--no_progress", "--batch_size", "4"])
+    assert vars(dashed) == vars(plain) and plain.batch_size == 4 and plain.overwrite_output_dir
+    for command, required in (("train", ["--model", "m", "--dataset", "d"]), ("merge", ["--adapter", "a"]),
+                              ("demo", [])):
+        for out, overwrite in (("--output_dir", "--overwrite_output_dir"), ("--out", "--overwrite"),
+                               ("--output-dir", "--overwrite-output-dir")):
+            args = vars(parser.parse_args([command, *required, out, "o", overwrite, "--no_progress"]))
+            assert "o" in args.values() and True in args.values(), (command, out, overwrite)
+    # what the errors tell the user to pass exists in every command that writes an output directory
+    from peft_ssf.io import OutputExistsError, check_output_dir
+
+    try:
+        check_output_dir(REPO, overwrite=False)
+    except OutputExistsError as exc:
+        named = exc.args[0].split("pass ")[1].rstrip(".")
+    for command, required in (("train", ["--model", "m", "--dataset", "d", "--output_dir", "o"]),
+                              ("merge", ["--adapter", "a", "--output_dir", "o"]), ("demo", [])):
+        parser.parse_args([command, *required, named])
+
+
+def test_one_cli_package_and_no_compatibility_leftovers():
+    """Issue 24.10: one CLI package; no unused helpers of an unreleased package; PRESETS named like --preset."""
+    import peft_ssf.presets
+    import peft_ssf.train
+
+    assert not (REPO / "peft_ssf" / "cli.py").exists()
+    assert peft_ssf_cli.COMMANDS["merge"][0] == "peft_ssf_cli.commands:cmd_merge"
+    assert not hasattr(peft_ssf.train, "_image_and_label_columns")
+    assert peft_ssf.presets.PRESETS == ("paper", "all") and not hasattr(peft_ssf.presets, "PLACEMENTS")
+    preset = next(a for a in _subparsers(peft_ssf_cli.build_parser())["train"]._actions if a.dest == "preset")
+    assert tuple(preset.choices) == peft_ssf.presets.PRESETS
