@@ -5,9 +5,11 @@ and then replaces PEFT's README with a generic transformers card. For SSF adapte
 ``push_adapter_to_hub``, which takes exactly the arguments of transformers' method: save with ``save_pretrained``,
 write the card from ``model_card``, upload the folder. Other PEFT methods keep the original behaviour.
 
-The card never records a path of the user's machine: ``base_model`` is the base's Hub id when it has one and is
-left out otherwise, and the adapter_config.json saved next to the card gets the same treatment. The card's config
-block is that saved file, verbatim.
+The card never records a path of the user's machine: ``base_model`` is the base's Hub id when it is known to be one
+(the push asks the Hub; offline, the local Hub cache must have it) and is left out otherwise, so a relative path
+such as ``models/vit-secret`` is never published; the adapter_config.json saved next to the card gets the same
+treatment. The card's config block is that saved file, verbatim. ``labels.json`` beside it keeps the head's class
+names (``save_labels``), which the apps restore when they rebuild a model from the adapter.
 """
 
 from __future__ import annotations

@@ -397,3 +397,28 @@ def test_one_cli_package_and_no_compatibility_leftovers():
     assert peft_ssf.presets.PRESETS == ("paper", "all") and not hasattr(peft_ssf.presets, "PLACEMENTS")
     preset = next(a for a in _subparsers(peft_ssf_cli.build_parser())["train"]._actions if a.dest == "preset")
     assert tuple(preset.choices) == peft_ssf.presets.PRESETS
+
+
+def test_unwritable_output_is_one_line_and_nothing_written(adapters, capsys, monkeypatch):
+    """Issue 25.13: no write permission on the output's parent (simulated: the tests may run as root)."""
+    import peft_ssf.io
+
+    monkeypatch.setattr(peft_ssf.io.os, "access", lambda path, mode: False)
+    before = _tree(adapters)
+    status = peft_ssf_cli.main(["merge", "--no_progress", "--adapter", str(adapters / "no_base"), "--base",
+                                str(adapters / "base"), "--output_dir", str(adapters / "new" / "deploy")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == [f"peft-ssf merge: error: cannot write output directory {adapters}/new/deploy: no "
+                                   f"write permission on {adapters}"]
+    assert _tree(adapters) == before
+
+
+def test_python_api_wrong_hidden_size_names_the_first_mismatching_layer(adapters):
+    """Issue 24.4: engine.load_model (the apps' loader) gives one line, not PyTorch's list of every mismatch."""
+    from peft_ssf.engine import AdapterLoadError, load_model
+
+    with pytest.raises(AdapterLoadError) as err:
+        load_model(adapters / "no_base", adapters / "wide")
+    message = str(err.value)
+    assert "\n" not in message and "first mismatching layer" in message
+    assert "adapter torch.Size([32]), base torch.Size([48]) (33 mismatching tensors)" in message
