@@ -36,7 +36,7 @@ from peft_ssf import engine
 from peft_ssf.errors import UserError
 from peft_ssf.hub import write_model_card
 from peft_ssf.train import ImageTransform, check_labels, dataset_labels, image_and_label_columns, load_image_dataset
-from peft_ssf_cli import ArgumentParser
+from peft_ssf_cli import ArgumentParser, positive_float, positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,12 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model id or local path (or --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny ViT built from a config (tests)")
     p.add_argument("--dataset", default=None, help="imagefolder / save_to_disk directory or Hub id (or --synthetic)")
-    p.add_argument("--synthetic", type=int, default=0, help="use N synthetic images instead of a dataset")
-    p.add_argument("--num_labels", type=int, default=None,
+    p.add_argument("--synthetic", type=positive_int, default=None, help="use N synthetic images instead of a dataset")
+    p.add_argument("--num_labels", type=positive_int, default=None,
                    help="classes of --synthetic data (default 4); with --dataset: must match the dataset's labels")
-    p.add_argument("--batch_size", type=int, default=8, help="images per step and process")
-    p.add_argument("--steps", type=int, default=8, help="optimiser steps")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="images per step and process")
+    p.add_argument("--steps", type=positive_int, default=8, help="optimiser steps")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the head's weight matrix")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, the data and their order")
     p.add_argument("--shuffle", action="store_true", help="shuffle (Accelerate keeps the order in sync)")
