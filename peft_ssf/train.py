@@ -391,7 +391,7 @@ def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
+    set_seed(args.seed)
     ds = load_image_dataset(args.dataset, seed=args.seed, progress=not args.no_progress)
     image_col, label_col = image_and_label_columns(ds, getattr(args, "image_column", None),
                                                    getattr(args, "label_column", None))
@@ -416,7 +416,6 @@ def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional
     threads = getattr(args, "threads", None)
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
-    set_seed(args.seed)
     model = build_model(args.model, len(id2label), id2label, args.method, args)
     transform = ImageTransform(norm.size, norm.mean, norm.std)
     train_set = TransformedImages(ds["train"], ImageTransform(norm.size, norm.mean, norm.std, train=args.augment),
