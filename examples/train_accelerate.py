@@ -13,7 +13,7 @@ Labels that do not fit the head stop the run before training, with the label and
 `--batch_size` is per process: N processes with batch b see the same samples per step as one process with batch
 N*b, and (gradients being averaged) end with the same SSF parameters up to float rounding.
 Each process writes its final trainable parameters to OUTPUT_DIR/rank{R}.safetensors; the main process also saves
-the adapter (save_pretrained) to OUTPUT_DIR/adapter.
+the adapter (save_pretrained, with its model card and labels.json) to OUTPUT_DIR/adapter, with FSDP too.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import peft_ssf
 from peft_ssf import engine
 from peft_ssf.errors import UserError
+from peft_ssf.hub import write_model_card
 from peft_ssf.train import ImageTransform, check_labels, dataset_labels, image_and_label_columns, load_image_dataset
-from peft_ssf_cli import ArgumentParser
+from peft_ssf_cli import ArgumentParser, positive_float, positive_int
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,12 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model id or local path (or --tiny)")
     p.add_argument("--tiny", action="store_true", help="a tiny ViT built from a config (tests)")
     p.add_argument("--dataset", default=None, help="imagefolder / save_to_disk directory or Hub id (or --synthetic)")
-    p.add_argument("--synthetic", type=int, default=0, help="use N synthetic images instead of a dataset")
-    p.add_argument("--num_labels", type=int, default=None,
+    p.add_argument("--synthetic", type=positive_int, default=None, help="use N synthetic images instead of a dataset")
+    p.add_argument("--num_labels", type=positive_int, default=None,
                    help="classes of --synthetic data (default 4); with --dataset: must match the dataset's labels")
-    p.add_argument("--batch_size", type=int, default=8, help="images per step and process")
-    p.add_argument("--steps", type=int, default=8, help="optimiser steps")
-    p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="images per step and process")
+    p.add_argument("--steps", type=positive_int, default=8, help="optimiser steps")
+    p.add_argument("--lr", type=positive_float, default=1e-2, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the head's weight matrix")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, the data and their order")
     p.add_argument("--shuffle", action="store_true", help="shuffle (Accelerate keeps the order in sync)")
@@ -153,8 +154,13 @@ def train_loop(args, accelerator, model, optimizer, loader) -> None:
                 return
 
 
-def save(args, accelerator, model, manual_fsdp: bool, seconds: float) -> None:
-    """Every rank's trainable parameters; the adapter and run.json from the main process."""
+def save(args, accelerator, model, manual_fsdp: bool, seconds: float, id2label: dict[int, str]) -> None:
+    """Every rank's trainable parameters; the adapter (with its card and labels) and run.json from the main process.
+
+    Under FSDP the parameters are sharded: every rank gathers the full values (``full_tensor``, a collective), and
+    the main process writes them through an unsharded copy of the model, so ``OUTPUT_DIR/adapter`` is the same
+    ``save_pretrained`` directory as without FSDP.
+    """
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     unwrapped = accelerator.unwrap_model(model)
@@ -163,8 +169,14 @@ def save(args, accelerator, model, manual_fsdp: bool, seconds: float) -> None:
     save_file(trainable, str(out / f"rank{accelerator.process_index}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if not manual_fsdp:  # (sharded parameters: the full values are in rank0.safetensors)
-            unwrapped.save_pretrained(out / "adapter")
+        if manual_fsdp:  # sharded parameters: load the gathered full values into an unsharded model, save that
+            unwrapped = build_model(args, id2label)
+            missing = set(trainable) - set(unwrapped.state_dict())
+            if missing:
+                raise RuntimeError(f"gathered parameters not in the unsharded model: {sorted(missing)[:3]}")
+            unwrapped.load_state_dict(trainable, strict=False)
+        unwrapped.save_pretrained(out / "adapter")
+        write_model_card(unwrapped, out / "adapter")
         info = {"distributed_type": "FSDP2 (torch, gloo)" if manual_fsdp else str(accelerator.distributed_type),
                 "num_processes": accelerator.num_processes, "per_process_batch": args.batch_size,
                 "steps": args.steps, "seconds": round(seconds, 2), "peft_ssf": peft_ssf.__version__}
@@ -185,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator, model, optimizer, loader, manual_fsdp = prepare(args, model, loader)
     start = time.time()
     train_loop(args, accelerator, model, optimizer, loader)
-    save(args, accelerator, model, manual_fsdp, time.time() - start)
+    save(args, accelerator, model, manual_fsdp, time.time() - start, id2label)
     accelerator.wait_for_everyone()  # no rank tears its process group down while another still writes or reduces
     accelerator.end_training()
     return 0

@@ -11,7 +11,7 @@ from .guard import refresh_scale_guard
 from .hub import install_push_to_hub, model_card, push_adapter_to_hub
 from .layer import SSFLayer
 from .model import SSFModel
-from .presets import PLACEMENTS, PresetError, resolve_preset
+from .presets import PRESETS, PresetError, resolve_preset
 from .registration import RegistrationError, is_registered, register
 
 __version__ = "0.1.0"
@@ -20,7 +20,7 @@ register()
 install_push_to_hub()
 
 __all__ = [
-    "PLACEMENTS",
+    "PRESETS",
     "PresetError",
     "RegistrationError",
     "SSFConfig",

@@ -160,10 +160,10 @@ class SSFConfig(PeftConfig):
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
         if self.preset is not None:
-            from .presets import PLACEMENTS
+            from .presets import PRESETS
 
-            if self.preset not in PLACEMENTS:
-                raise ValueError(f"Unknown SSF preset {self.preset!r}; choose one of {sorted(PLACEMENTS)}.")
+            if self.preset not in PRESETS:
+                raise ValueError(f"Unknown SSF preset {self.preset!r}; choose one of {sorted(PRESETS)}.")
             if self.target_modules is not None:
                 raise ValueError(
                     f"SSFConfig got both preset={self.preset!r} and target_modules; the preset is only used when "

@@ -5,9 +5,11 @@ and then replaces PEFT's README with a generic transformers card. For SSF adapte
 ``push_adapter_to_hub``, which takes exactly the arguments of transformers' method: save with ``save_pretrained``,
 write the card from ``model_card``, upload the folder. Other PEFT methods keep the original behaviour.
 
-The card never records a path of the user's machine: ``base_model`` is the base's Hub id when it has one and is
-left out otherwise, and the adapter_config.json saved next to the card gets the same treatment. The card's config
-block is that saved file, verbatim.
+The card never records a path of the user's machine: ``base_model`` is the base's Hub id when it is known to be one
+(the push asks the Hub; offline, the local Hub cache must have it) and is left out otherwise, so a relative path
+such as ``models/vit-secret`` is never published; the adapter_config.json saved next to the card gets the same
+treatment. The card's config block is that saved file, verbatim. ``labels.json`` beside it keeps the head's class
+names (``save_labels``), which the apps restore when they rebuild a model from the adapter.
 """
 
 from __future__ import annotations
@@ -15,20 +17,65 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from huggingface_hub import HfApi
 
 LIBRARY_TAGS = ("ssf", "peft-ssf")
+#: file next to adapter_config.json with the head's class names: {"id2label": {"0": name, ...}, "label2id": {...}}
+LABELS_FILE = "labels.json"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def hub_base_model(name_or_path: Optional[str]) -> Optional[str]:
-    """``name_or_path`` if it is a Hub repository id, None if it is empty or a path on this machine."""
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config.json is in the local Hub cache (it was downloaded from the Hub)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even look up is no Hub id we know
+        return False
+
+
+def hub_base_model(name_or_path: Optional[str], on_hub: Optional[Callable[[str], bool]] = None) -> Optional[str]:
+    """``name_or_path`` if it is a Hub repository id, else None (empty, a path on this machine, or unknown).
+
+    ``models/vit-secret`` looks like ``org/name`` but may be a relative path from another directory: a name that
+    is not a local path counts as a Hub id only when ``on_hub(name)`` says so (the push asks the Hub) or, without
+    ``on_hub``, when the local Hub cache has it (it was downloaded from the Hub). Nothing else is published.
+    """
     if not name_or_path or Path(name_or_path).expanduser().exists() or not _REPO_ID.match(name_or_path):
         return None
-    return name_or_path
+    if on_hub is not None:
+        try:
+            return name_or_path if on_hub(name_or_path) else None
+        except Exception:  # noqa: BLE001 - no answer: fall back to the cache
+            pass
+    return name_or_path if _in_hub_cache(name_or_path) else None
+
+
+def _default_labels(id2label: dict[int, str]) -> bool:
+    return all(name == f"LABEL_{i}" for i, name in id2label.items())
+
+
+def save_labels(model: Any, directory: Union[str, Path]) -> Optional[Path]:
+    """Write the class names of `model`'s head (a PeftModel or a transformers model) to ``directory/labels.json``.
+
+    Nothing is written for a model without a classification config or with transformers' placeholder names
+    (``LABEL_i``). Returns the file written, if any.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    id2label = getattr(getattr(base, "config", None), "id2label", None)
+    if not id2label or _default_labels({int(k): v for k, v in id2label.items()}):
+        return None
+    id2label = {int(k): str(v) for k, v in id2label.items()}
+    content = {"id2label": {str(k): v for k, v in sorted(id2label.items())},
+               "label2id": {v: k for k, v in sorted(id2label.items())}}
+    path = Path(directory) / LABELS_FILE
+    path.write_text(json.dumps(content, indent=2) + "\n")
+    return path
 
 
 def _ssf_configs(peft_model: Any) -> dict[str, Any]:
@@ -74,18 +121,19 @@ def _pipeline_tag(peft_model: Any) -> Optional[str]:
     return None
 
 
-def _saved_config(peft_model: Any, adapter_name: str) -> dict[str, Any]:
+def _saved_config(peft_model: Any, adapter_name: str, on_hub: Optional[Callable[[str], bool]] = None
+                  ) -> dict[str, Any]:
     """The adapter_config.json ``save_pretrained`` writes for ``adapter_name`` (with a Hub-safe base model)."""
     with tempfile.TemporaryDirectory() as tmp:
         peft_model.save_pretrained(tmp, selected_adapters=[adapter_name])
         folder = Path(tmp) if adapter_name == "default" else Path(tmp) / adapter_name
-        return _hub_safe_config(folder / "adapter_config.json")
+        return _hub_safe_config(folder / "adapter_config.json", on_hub)
 
 
-def _hub_safe_config(path: Path) -> dict[str, Any]:
-    """Read a saved adapter_config.json, drop a machine path from ``base_model_name_or_path``, write it back."""
+def _hub_safe_config(path: Path, on_hub: Optional[Callable[[str], bool]] = None) -> dict[str, Any]:
+    """Read a saved adapter_config.json, drop a base that is not a Hub id (``hub_base_model``), write it back."""
     cfg = json.loads(path.read_text())
-    safe = hub_base_model(cfg.get("base_model_name_or_path"))
+    safe = hub_base_model(cfg.get("base_model_name_or_path"), on_hub)
     if safe != cfg.get("base_model_name_or_path"):
         cfg["base_model_name_or_path"] = safe
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -116,19 +164,29 @@ def _front_matter(peft_model: Any, base: Optional[str], tags: tuple[str, ...]) -
 
 
 def _load_snippet(base: Optional[str], name: str, auto: str = "AutoModelForImageClassification") -> str:
-    base_line = f'"{base}"' if base else '"BASE_MODEL_ID_OR_PATH"  # the model this adapter was trained on'
+    """Valid Python (tests compile it) whether or not the base is known."""
+    comment = "" if base else "  # the model this adapter was trained on"
     return f"""```python
 import peft_ssf  # registers the SSF method with PEFT: needed before loading
 from peft import PeftModel
 from transformers import {auto}
 
-base = {auto}.from_pretrained({base_line})
-model = PeftModel.from_pretrained(base, "{name}")
+base = {auto}.from_pretrained({json.dumps(base or "BASE_MODEL_ID_OR_PATH")}){comment}
+model = PeftModel.from_pretrained(base, {json.dumps(name)})
 ```"""
 
 
+def adapted_modules(peft_model: Any, adapter_name: str = "default") -> int:
+    """How many modules of the model carry this adapter's SSF scale / shift (not how many name patterns)."""
+    from .layer import SSFLayer
+
+    return sum(1 for m in peft_model.modules()
+               if isinstance(m, SSFLayer) and (adapter_name in m.ssf_scale or adapter_name in m.ssf_shift))
+
+
 def model_card(peft_model: Any, adapter_name: str = "default", repo_id: Optional[str] = None,
-               adapter_config: Optional[dict[str, Any]] = None, tags: tuple[str, ...] = ()) -> str:
+               adapter_config: Optional[dict[str, Any]] = None, tags: tuple[str, ...] = (),
+               on_hub: Optional[Callable[[str], bool]] = None) -> str:
     """The README.md (YAML front matter + body) of an SSF adapter: config, parameter counts, load and merge code.
 
     ``adapter_config`` is the saved adapter_config.json the card describes (default: what ``save_pretrained``
@@ -139,17 +197,17 @@ def model_card(peft_model: Any, adapter_name: str = "default", repo_id: Optional
 
     from . import __version__
 
-    cfg = adapter_config if adapter_config is not None else _saved_config(peft_model, adapter_name)
-    base = hub_base_model(cfg.get("base_model_name_or_path"))
+    cfg = adapter_config if adapter_config is not None else _saved_config(peft_model, adapter_name, on_hub)
+    base = hub_base_model(cfg.get("base_model_name_or_path"), on_hub)
     ssf_params, trainable, backbone = _counts(peft_model, adapter_name)
-    n_targets = len(cfg.get("target_modules") or [])
+    n_modules = adapted_modules(peft_model, adapter_name)
     return f"""{_front_matter(peft_model, base, tags)}
 
 # SSF adapter{f" for `{base}`" if base else ""}
 
 This is an [SSF](https://arxiv.org/abs/2210.08823) ("Scaling & Shifting Your Features") adapter trained with
 [peft-ssf](https://pypi.org/project/peft-ssf/): a learnable per-channel scale and shift after
-{n_targets} target ops of the frozen base model.
+{n_modules} modules of the frozen base model.
 
 | | parameters |
 |---|---|
@@ -189,15 +247,17 @@ merged.save_pretrained("deploy")
 
 
 def write_model_card(peft_model: Any, directory: Union[str, Path], repo_id: Optional[str] = None,
-                     tags: tuple[str, ...] = ()) -> Path:
+                     tags: tuple[str, ...] = (), on_hub: Optional[Callable[[str], bool]] = None) -> Path:
     """Write our card as ``directory/README.md`` for the adapter ``save_pretrained`` just wrote there.
 
-    Replaces PEFT's generic card, and drops a machine path from that directory's adapter_config.json.
+    Replaces PEFT's generic card, drops a machine path from that directory's adapter_config.json, and saves the
+    head's class names beside it (``save_labels``) so a merged or reloaded model keeps them.
     """
+    save_labels(peft_model, directory)
     adapter = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else "default"
-    cfg = _hub_safe_config(Path(directory) / "adapter_config.json")
+    cfg = _hub_safe_config(Path(directory) / "adapter_config.json", on_hub)
     path = Path(directory) / "README.md"
-    path.write_text(model_card(peft_model, adapter, repo_id, adapter_config=cfg, tags=tags))
+    path.write_text(model_card(peft_model, adapter, repo_id, adapter_config=cfg, tags=tags, on_hub=on_hub))
     return path
 
 
@@ -214,29 +274,50 @@ def push_adapter_to_hub(
     max_shard_size: Union[int, str, None] = "50GB",
     tags: Optional[list[str]] = None,
 ) -> Any:
-    """Upload adapter_config.json, adapter_model.safetensors and our README.md to ``repo_id``.
+    """Upload adapter_config.json, adapter_model.safetensors, labels.json and our README.md to ``repo_id``.
 
     The arguments are those of transformers' ``PushToHubMixin.push_to_hub`` with the same meaning (``token=True``:
     the token of ``hf auth login``; ``revision``: a branch, created if missing; ``create_pr``: open a pull request).
     ``max_shard_size`` is accepted for compatibility: an adapter is always one file.
     """
     del max_shard_size
+
+    def on_hub(name: str) -> bool:  # we are online anyway: ask the Hub whether the base is a Hub model
+        return HfApi().repo_exists(name, token=token)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        peft_model.save_pretrained(tmp)
+        write_model_card(peft_model, tmp, repo_id, tags=tuple(tags or ()), on_hub=on_hub)
+        return upload_adapter_folder(tmp, repo_id, commit_message=commit_message,
+                                     commit_description=commit_description, private=private, token=token,
+                                     revision=revision, create_pr=create_pr)
+
+
+def upload_adapter_folder(
+    folder: Union[str, Path],
+    repo_id: str,
+    *,
+    commit_message: Optional[str] = None,
+    commit_description: Optional[str] = None,
+    private: Optional[bool] = None,
+    token: Union[bool, str, None] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+) -> Any:
+    """Upload an adapter folder as saved (adapter files, our card, labels.json) to ``repo_id``; the commit URL."""
     api = HfApi()
     repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     if revision is not None and not revision.startswith("refs/pr"):
         api.create_branch(repo_id=repo_id, branch=revision, token=token, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        peft_model.save_pretrained(tmp)
-        write_model_card(peft_model, tmp, repo_id, tags=tuple(tags or ()))
-        return api.upload_folder(
-            folder_path=tmp,
-            repo_id=repo_id,
-            token=token,
-            commit_message=commit_message or "Upload SSF adapter",
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
+    return api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        token=token,
+        commit_message=commit_message or "Upload SSF adapter",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+    )
 
 
 def install_push_to_hub() -> None:

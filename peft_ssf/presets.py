@@ -34,7 +34,7 @@ from torch import nn
 
 from .layer import wrapper_for
 
-PLACEMENTS = ("paper", "all")
+PRESETS = ("paper", "all")
 
 _VIT_ROLES: dict[str, list[str]] = {
     "patch_embed": [r"embeddings\.patch_embeddings\.projection"],
@@ -310,8 +310,8 @@ def resolve_preset(
     Raises:
         PresetError: unknown model type (for "paper"), or nothing in the model matched.
     """
-    if placement not in PLACEMENTS:
-        raise PresetError(f"Unknown SSF preset {placement!r}; choose one of {list(PLACEMENTS)}.")
+    if placement not in PRESETS:
+        raise PresetError(f"Unknown SSF preset {placement!r}; choose one of {list(PRESETS)}.")
     skip = tuple(modules_to_save or ()) + _HEAD_NAMES
     tied = shared_parameter_owners(model)
     candidates = [n for n in supported_module_names(model) if not in_modules(n, skip) and n not in tied]

@@ -4,7 +4,10 @@ Reads top to bottom as the job runs: load a dataset (a Hub id, a local ``imagefo
 directory) and its labels; build the model for the method with the engine (a head for the dataset's labels);
 train with ``Trainer`` using the engine's recipe (AdamW with weight decay on the head's weight matrix only, warm-up
 then cosine); evaluate; save the adapter with its model card, optionally the merged model with its image
-processor, optionally push the adapter to the Hub. Images are preprocessed with PIL + numpy (no torchvision),
+processor, write results.json, and only then (everything local being safe) optionally push the adapter to the Hub.
+The output directory is locked for the whole run (a second run into it fails at once); ``--overwrite_output_dir``
+first removes the earlier run's adapter, merged model, checkpoints and results, so nothing stale is resumed or
+served. Images are preprocessed with PIL + numpy (no torchvision),
 normalised with the checkpoint's image-processor statistics (``engine.image_normalization``).
 """
 
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +31,7 @@ from peft_ssf_cli import add_train_arguments
 
 from . import engine
 from .errors import UserError, require
-from .io import atomic_output_dir, check_output_dir
+from .io import atomic_output_dir, atomic_write, check_output_dir, clean_orphans, output_lock
 
 __all__ = ["HEAD_NAMES", "ImageTransform", "LabelError", "TransformedImages", "add_train_arguments", "build_model",
            "check_labels", "dataset_labels", "head_weight_decay_groups", "image_stats", "load_image_dataset",
@@ -48,6 +53,8 @@ def load_image_dataset(name_or_path: str, seed: int = 0, val_fraction: float = 0
     """
     datasets = require("datasets", "train")
     path = Path(name_or_path)
+    if not progress:
+        datasets.disable_progress_bars()
     try:
         if path.is_dir() and (path / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(path))
@@ -66,17 +73,23 @@ def load_image_dataset(name_or_path: str, seed: int = 0, val_fraction: float = 0
     return ds
 
 
-def image_and_label_columns(ds) -> tuple[str, str]:
-    """Names of the image and label columns of a ``DatasetDict``."""
+def image_and_label_columns(ds, image_column: Optional[str] = None,
+                            label_column: Optional[str] = None) -> tuple[str, str]:
+    """Names of the image and label columns of a ``DatasetDict`` (the given ones, checked, or the usual names)."""
     features = ds["train"].features
-    image_col = next((c for c in ("image", "img", "pixel_values") if c in features), None)
-    label_col = next((c for c in ("label", "labels", "fine_label") if c in features), None)
-    if image_col is None or label_col is None:
-        raise LabelError(f"cannot find image / label columns in the dataset's features {list(features)}")
+    for option, name in (("--image_column", image_column), ("--label_column", label_column)):
+        if name is not None and name not in features:
+            raise LabelError(f"{option} {name!r} is not a column of the dataset (columns: {', '.join(features)})")
+    image_col = image_column or next((c for c in ("image", "img", "pixel_values") if c in features), None)
+    label_col = label_column or next((c for c in ("label", "labels", "fine_label") if c in features), None)
+    if image_col is not None and label_col is None and list(features) == [image_col]:
+        raise LabelError("the dataset has images but no labels: an imagefolder needs one folder per class and at "
+                         "least two classes (SPLIT/CLASS/IMAGE)")
+    missing = [kind for kind, col in (("image", image_col), ("label", label_col)) if col is None]
+    if missing:
+        raise LabelError(f"no {' / '.join(missing)} column among the dataset's columns ({', '.join(features)}): "
+                         f"name it with {' and '.join(f'--{kind}_column' for kind in missing)}")
     return image_col, label_col
-
-
-_image_and_label_columns = image_and_label_columns  # the name examples used before
 
 
 def dataset_labels(ds, label_col: str) -> dict[int, str]:
@@ -86,6 +99,13 @@ def dataset_labels(ds, label_col: str) -> dict[int, str]:
         return dict(enumerate(names))
     top = max(max(ds[split][label_col]) for split in ds if len(ds[split]))
     return {i: str(i) for i in range(int(top) + 1)}
+
+
+def check_classes(id2label: dict[int, str]) -> None:
+    """A classifier needs at least two classes."""
+    if len(id2label) < 2:
+        raise LabelError(f"the dataset has {len(id2label)} class ({', '.join(id2label.values())}): a classifier "
+                         "needs at least two (an imagefolder: one folder per class)")
 
 
 def check_labels(ds, label_col: str, num_labels: int) -> None:
@@ -207,6 +227,12 @@ def build_model(model_path: str, num_labels: int, id2label: dict[int, str], meth
         return engine.build_model(method, model_path, id2label, seed=getattr(args, "seed", 0), **ssf)
     except OSError as exc:
         raise UserError(f"cannot load model {model_path!r}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # PEFT: target modules that match nothing, and the like
+        if isinstance(exc, UserError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot apply {method} to {model_path!r}: {first} (see --target_modules / --preset)") \
+            from exc
 
 
 def head_weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -246,6 +272,7 @@ def _training_arguments(args: argparse.Namespace, out: Path):
         lr_scheduler_type="cosine" if args.paper_recipe else args.scheduler,
         eval_strategy="no" if args.no_epoch_eval else per_epoch, eval_steps=args.save_steps,
         save_strategy="no" if args.no_checkpoints else per_epoch, save_steps=args.save_steps,
+        save_total_limit=getattr(args, "save_total_limit", None),
         logging_steps=10, seed=args.seed, data_seed=args.seed, remove_unused_columns=False, report_to=[],
         disable_tqdm=args.no_progress, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
     )
@@ -270,7 +297,7 @@ def _callbacks(train_set: TransformedImages, stop_after_step: Optional[int]) -> 
 
 
 def _save_outputs(model, args: argparse.Namespace, out: Path, norm: engine.Normalization) -> dict[str, str]:
-    """Adapter (+ card) or full model; the Hub push (from the adapter, before any merge); the merged model."""
+    """Adapter (+ card, + labels.json) or full model, and the merged model (the Hub push comes after, in ``train``)."""
     saved: dict[str, str] = {}
     final = out / ("adapter" if args.method == "ssf" else "model")
     with atomic_output_dir(final, overwrite=True) as tmp:
@@ -282,8 +309,6 @@ def _save_outputs(model, args: argparse.Namespace, out: Path, norm: engine.Norma
         else:
             engine.save_image_processor(tmp, args.model, norm)
     saved["saved_to"] = str(final)
-    if args.push_to_hub and args.method == "ssf":
-        saved["hub_url"] = str(model.push_to_hub(args.push_to_hub))
     if args.method == "ssf" and args.save_merged:
         merged = model.merge_and_unload(safe_merge=True)
         with atomic_output_dir(out / "merged", overwrite=True) as tmp:
@@ -293,31 +318,108 @@ def _save_outputs(model, args: argparse.Namespace, out: Path, norm: engine.Norma
     return saved
 
 
-def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> dict[str, Any]:
-    """Fine-tune and evaluate; save the adapter (and optionally the merged model). Returns a summary dict."""
-    from transformers import AutoConfig, set_seed
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+#: what a run writes into its output directory (removed by --overwrite_output_dir before a new run)
+RUN_OUTPUTS = ("adapter", "model", "merged", "results.json", "runs")
 
+
+def _checkpoints(out: Path) -> list[Path]:
+    """``checkpoint-N`` directories of ``out``, newest (largest N) first."""
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_complete(path: Path) -> bool:
+    """A checkpoint is complete when its trainer state (written last) parses and its weights are there."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((path / f).is_file() for f in ("adapter_model.safetensors", "model.safetensors",
+                                                "model.safetensors.index.json"))
+
+
+def latest_checkpoint(out: Path) -> Path:
+    """The newest complete checkpoint of ``out``; incomplete newer ones (a run killed while saving) are removed."""
+    for path in _checkpoints(out):
+        if checkpoint_complete(path):
+            return path
+        print(f"note: removing incomplete checkpoint {path} (the run was stopped while saving it)")
+        shutil.rmtree(path)
+    raise UserError(f"no complete checkpoint in {out} to resume from; run without --resume_from_checkpoint")
+
+
+def _clear_run(out: Path) -> None:
+    """Remove an earlier run's outputs and checkpoints from ``out`` (``--overwrite_output_dir``)."""
+    for path in [*(out / name for name in RUN_OUTPUTS), *_checkpoints(out)]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _push(folder: Path, args: argparse.Namespace) -> str:
+    """Upload the saved adapter folder (adapter, card, labels) as it is on disk, within ``--push_timeout``."""
+    from peft_ssf_cli.commands import run_with_timeout
+
+    from .hub import upload_adapter_folder
+
+    return str(run_with_timeout(lambda: upload_adapter_folder(folder, args.push_to_hub),
+                                getattr(args, "push_timeout", 300.0), f"the upload to {args.push_to_hub}"))
+
+
+def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> dict[str, Any]:
+    """Fine-tune and evaluate; save the adapter (and optionally the merged model). Returns a summary dict.
+
+    The output directory is locked for the whole run (``peft_ssf.io.output_lock``).
+    """
     out = Path(args.output_dir)
     if args.method != "ssf" and (args.save_merged or args.push_to_hub):
         raise UserError(f"--save_merged and --push_to_hub apply to SSF adapters; with --method {args.method} the "
                         f"trained model is saved to {out / 'model'}")
     if not args.resume_from_checkpoint:
         check_output_dir(out, args.overwrite_output_dir)
+    engine.check_model_path(args.model)
+    with output_lock(out):
+        return _train_locked(args, out, stop_after_step)
+
+
+def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional[int]) -> dict[str, Any]:
+    from transformers import AutoConfig, set_seed
+
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     set_seed(args.seed)
     ds = load_image_dataset(args.dataset, seed=args.seed, progress=not args.no_progress)
     from .engine import text  # a text column and no image column: sequence classification (engine/text.py)
 
     if text.is_text_dataset(ds):
         return text.train_text(args, ds, stop_after_step)
-    image_col, label_col = image_and_label_columns(ds)
+    image_col, label_col = image_and_label_columns(ds, getattr(args, "image_column", None),
+                                                   getattr(args, "label_column", None))
     if args.max_train_samples:
         ds["train"] = ds["train"].select(range(min(args.max_train_samples, len(ds["train"]))))
     id2label = dataset_labels(ds, label_col)
+    check_classes(id2label)
     check_labels(ds, label_col, len(id2label))
     try:
         norm = engine.image_normalization(args.model, AutoConfig.from_pretrained(args.model))
     except OSError as exc:
         raise UserError(f"cannot load model {args.model!r}: {str(exc).splitlines()[0]}") from exc
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = str(latest_checkpoint(out))
+    elif resume and not checkpoint_complete(Path(resume)):
+        raise UserError(f"{resume} is not a complete checkpoint (no trainer_state.json or weights)")
+    if out.is_dir():
+        clean_orphans(out)
+        if not resume and args.overwrite_output_dir:
+            _clear_run(out)
+    threads = getattr(args, "threads", None)
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
     model = build_model(args.model, len(id2label), id2label, args.method, args)
     transform = ImageTransform(norm.size, norm.mean, norm.std)
     train_set = TransformedImages(ds["train"], ImageTransform(norm.size, norm.mean, norm.std, train=args.augment),
@@ -328,12 +430,12 @@ def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> di
                                eval_dataset=eval_sets["validation"], compute_metrics=compute_metrics,
                                callbacks=_callbacks(train_set, stop_after_step))
     start = time.time()
-    trainer.train(resume_from_checkpoint=True if args.resume_from_checkpoint == "latest"
-                  else args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     summary: dict[str, Any] = {
         "method": args.method, "trainable_params": engine.count_trainable(model)[0],
         "train_seconds": round(time.time() - start, 1), "metric_backend": metric_backend,
         "global_step": trainer.state.global_step, "num_labels": len(id2label), "base_model": args.model,
+        "threads": torch.get_num_threads(),
     }
     if stop_after_step is not None and trainer.state.global_step < trainer.state.max_steps:
         return {**summary, "stopped_early": True}
@@ -341,7 +443,16 @@ def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> di
     if "test" in ds:
         summary["test_accuracy"] = trainer.evaluate(eval_sets["test"], metric_key_prefix="test").get("test_accuracy")
     summary.update(_save_outputs(model, args, out, norm))
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    if args.push_to_hub and args.method == "ssf":  # last: everything local is safe whatever the network does
+        try:
+            summary["hub_url"] = _push(out / "adapter", args)
+        except UserError as exc:
+            summary["hub_error"] = str(exc)
+            atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
+            raise UserError(f"{exc} (the run's outputs are safe in {out}; retry with `peft-ssf push --adapter "
+                            f"{out / 'adapter'} --repo_id {args.push_to_hub}`)") from exc
+        atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -59,6 +59,12 @@ def test_two_processes_match_each_other_and_one_process_with_double_batch(strate
     assert info["distributed_type"] == ("FSDP2 (torch, gloo)" if strategy == "fsdp" else "DistributedType.MULTI_CPU")
     assert _max_diff(ranks[0], ranks[1]) == 0.0
     _assert_trained(ranks[0])
+    # issue 24.6: OUTPUT_DIR/adapter is written with FSDP too, and holds the trained values
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    scales = {k: v for k, v in ranks[0].items() if ".ssf_scale" in k}
+    assert len(adapter) >= len(scales) > 0
+    for name, value in scales.items():
+        torch.testing.assert_close(adapter[name.replace(".default", "")], value, rtol=0, atol=0)
     diff = _max_diff(ranks[0], single)
     print(f"{strategy}: max |2 procs x batch 4 - 1 proc x batch 8| = {diff:.2e}")
     assert diff <= 1e-5

@@ -46,6 +46,7 @@ def captured(monkeypatch, tmp_path):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "repo_exists", lambda self, repo_id, **kw: repo_id.startswith("google/"))
     return calls
 
 
@@ -170,3 +171,36 @@ def test_cli_push_uploads_the_same_payload(captured, tmp_path):
     assert kwargs["commit_message"] == "hi"
     assert sorted(p.name for p in folder.iterdir()) == PAYLOAD
     assert "library_name: peft" in (folder / "README.md").read_text()
+
+
+def _load_code(card: str) -> str:
+    return card.split("## Load")[1].split("```python")[1].split("```")[0]
+
+
+@pytest.mark.parametrize("base", [None, "google/vit-base-patch16-224-in21k"])
+def test_card_load_snippet_is_valid_python_and_counts_adapted_modules(captured, tmp_path, base):
+    """Issue 24.5: the Load snippet compiles with or without a known base; the card counts adapted modules."""
+    from peft_ssf import SSFLayer
+
+    model = get_peft_model(tiny_vit(num_labels=3), SSFConfig(target_modules=["fc1", "fc2"]))  # 2 name patterns
+    model.peft_config["default"].base_model_name_or_path = base
+    model.push_to_hub("someone/vit-ssf")
+    card = (captured["upload_folder"][2] / "README.md").read_text()
+    compile(_load_code(card), "card-load-snippet", "exec")
+    adapted = sum(isinstance(m, SSFLayer) for m in model.modules())
+    assert adapted == 4 and "after\n4 modules of the frozen base model" in card  # fc1 and fc2 of both layers
+
+
+def test_a_relative_path_that_looks_like_a_hub_id_is_not_published(captured, tmp_path):
+    """Issue 25.14: `models/vit-secret` (a path elsewhere, not on the Hub) never becomes the card's base_model."""
+    from peft_ssf.hub import write_model_card
+
+    model, _ = _ssf_model(tmp_path)
+    model.peft_config["default"].base_model_name_or_path = "models/vit-secret"
+    model.push_to_hub("someone/vit-ssf")  # online check: the Hub has no such model
+    folder = captured["upload_folder"][2]
+    for card in ((folder / "README.md").read_text(), ):
+        assert "vit-secret" not in card
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    model.save_pretrained(tmp_path / "local")  # offline (the card written by training): not in the Hub cache
+    assert "vit-secret" not in write_model_card(model, tmp_path / "local").read_text()

@@ -7,6 +7,9 @@ Two things are allowed to differ from what a reader types, and both are listed h
 * ``STAND_INS``: a Hub id becomes a tiny local checkpoint, `make demo` its quick form, epochs and steps fewer;
 * a line whose comment says ``[untested: REASON]`` is not run (it needs the network, a GPU, or is the test suite
   itself); the reason is required.
+
+A ```` ```text ```` block is what the code block before it prints: its output must match, with ``...`` standing for
+anything (a score, a class name that depends on the training run).
 """
 
 from __future__ import annotations
@@ -37,12 +40,13 @@ LINKED = ("peft_ssf", "peft_ssf_cli", "examples", "benchmarks", "scripts", "docs
 
 
 def snippets(text: str) -> list[tuple[str, str]]:
-    """``(kind, code)`` in document order: each shell command (continuations joined) and each Python block."""
+    """``(kind, code)`` in document order: each shell command (continuations joined), each Python block, and each
+    expected output (``text``)."""
     found = []
     for block in FENCE.finditer(text):
         lang, body = block["lang"], block["body"]
-        if lang == "python":
-            found.append(("python", body))
+        if lang in ("python", "text"):
+            found.append((lang, body))
         elif lang in ("bash", "sh", "shell"):
             for command in body.replace("\\\n", " ").splitlines():
                 if command.strip() and not command.lstrip().startswith("#"):
@@ -62,6 +66,12 @@ def runnable(kind: str, code: str) -> str | None:
     code = "\n".join(lines)
     return code if code.strip() and (kind == "bash" or any(not ln.startswith("#") for ln in lines if ln.strip())) \
         else None
+
+
+def output_matches(expected: str, printed: str) -> bool:
+    """``printed`` is ``expected`` (whitespace at the ends aside), where ``...`` in ``expected`` matches anything."""
+    pattern = ".*?".join(re.escape(part) for part in expected.strip().split("..."))
+    return re.fullmatch(pattern, printed.strip(), re.S) is not None
 
 
 def stand_in(code: str, values: dict[str, str], used: set[int]) -> str:
@@ -85,8 +95,12 @@ def run_document(doc: Path, tmp_path: Path) -> tuple[int, set[int]]:
     cwd, values = _workspace(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    ran, used = 0, set()
+    ran, used, last = 0, set(), None
     for kind, code in snippets(doc.read_text()):
+        if kind == "text":
+            assert last is not None, f"{doc.name}: an output block before any code:\n{code}"
+            assert output_matches(code, last.stdout), f"{doc.name}: README says\n{code}\nbut it printed\n{last.stdout}"
+            continue
         code = runnable(kind, code)
         if code is None:
             continue
@@ -95,7 +109,7 @@ def run_document(doc: Path, tmp_path: Path) -> tuple[int, set[int]]:
         res = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, f"{doc.name}: this {kind} snippet failed:\n{code}\n---\n{res.stdout[-3000:]}\n" \
                                     f"{res.stderr[-5000:]}"
-        ran += 1
+        ran, last = ran + 1, res
     return ran, used
 
 
@@ -108,6 +122,9 @@ def test_snippet_parsing_and_marks():
     assert [runnable(k, c) for k, c in found] == ["make demo   # the demo", None, "a    b", "x = 1"]
     with pytest.raises(AssertionError, match="needs a reason"):
         runnable("bash", "make x  # [untested: ]")
+    assert snippets("```python\nprint(1)\n```\nprints\n```text\n[1, ...]\n```\n")[1] == ("text", "[1, ...]\n")
+    assert output_matches("[{'label': 'deg_...', 'score': ...}]", "[{'label': 'deg_090', 'score': 0.93}]\n")
+    assert not output_matches("[{'label': 'deg_...', 'score': ...}]", "[{'label': 'LABEL_0', 'score': 0.93}]")
 
 
 @pytest.mark.slow

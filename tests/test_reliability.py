@@ -214,7 +214,7 @@ def test_atomic_output_dir_refuses_non_empty_and_replaces_when_asked(tmp_path):
 
 
 def test_cli_merge_refuses_non_empty_out_and_writes_verified_model(saved_adapter, tmp_path):
-    from peft_ssf.cli import main
+    from peft_ssf_cli import main
 
     base_dir = tmp_path / "base"
     tiny_vit().save_pretrained(base_dir)

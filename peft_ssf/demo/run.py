@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .. import engine
-from ..io import atomic_write, check_output_dir
+from ..io import atomic_write, check_output_dir, output_lock
 from . import BACKBONE_DIR, TASKS, make_task
 
 #: learning rates per method for the demo: the transfer benchmark's validation-selected rates for the default task
@@ -35,7 +35,8 @@ DEMO_LR = {"head": 1e-1, "ssf": 3e-2, "full": 1e-3}
 ROW_METHOD = {"head": "head", "ssf": "ssf_paper_init", "full": "full"}
 
 
-def _train_args(data: Path, out: Path, method: str, epochs: float, seed: int, progress: bool) -> argparse.Namespace:
+def _train_args(data: Path, out: Path, method: str, epochs: float, seed: int, progress: bool,
+                threads: int = 1) -> argparse.Namespace:
     from peft_ssf_cli import ArgumentParser, add_train_arguments
 
     parser = ArgumentParser(prog="peft-ssf demo")
@@ -44,7 +45,7 @@ def _train_args(data: Path, out: Path, method: str, epochs: float, seed: int, pr
         "--model", str(BACKBONE_DIR), "--dataset", str(data), "--output_dir", str(out), "--method", method,
         "--epochs", str(epochs), "--batch_size", "32", "--lr", str(DEMO_LR[method]), "--seed", str(seed),
         "--weight_decay", "0.05", "--warmup_ratio", "0.1", "--paper_recipe", "--metric_backend", "builtin",
-        "--overwrite_output_dir", "--no_checkpoints", "--no_epoch_eval",
+        "--overwrite_output_dir", "--no_checkpoints", "--no_epoch_eval", "--threads", str(threads),
         *(["--save_merged"] if method == "ssf" else []), *([] if progress else ["--no_progress"]),
     ])
 
@@ -93,12 +94,19 @@ def render_table(result: dict[str, Any]) -> str:
 def run_demo(out: str = "ssf-demo-output", overwrite: bool = False, quick: bool = False, task: str = "orientation",
              epochs: float = 20.0, seed: int = 0, threads: int = 1, progress: bool = True) -> int:
     """Run the demo, print the table, return a process exit code (1 if the merged model disagrees)."""
-    from ..train import train
 
     if not (BACKBONE_DIR / "model.safetensors").exists():
         print(f"error: the demo backbone is missing from {BACKBONE_DIR}; run scripts/pretrain_backbone.py")
         return 1
     root = check_output_dir(out, overwrite)
+    with output_lock(root):
+        return _run_demo_locked(root, quick, task, epochs, seed, threads, progress)
+
+
+def _run_demo_locked(root: Path, quick: bool, task: str, epochs: float, seed: int, threads: int,
+                     progress: bool) -> int:
+    from ..train import train
+
     root.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -111,7 +119,7 @@ def run_demo(out: str = "ssf-demo-output", overwrite: bool = False, quick: bool 
         for method in ("head", "ssf", "full"):
             print(f"\n== fine-tuning: {engine.METHODS[ROW_METHOD[method]]} ==", flush=True)
             start = time.time()
-            summary = train(_train_args(data, root / method, method, epochs, seed, progress))
+            summary = train(_train_args(data, root / method, method, epochs, seed, progress, threads))
             rows.append({"method": method, "trainable": summary["trainable_params"], "val": summary["val_accuracy"],
                          "test": summary["test_accuracy"], "seconds": time.time() - start})
         result = {"task": task, "epochs": epochs, "seed": seed, "threads": threads, "quick": quick, "rows": rows,

@@ -21,7 +21,16 @@ from .images import (
     save_image_processor,
     to_pixel_values,
 )
-from .loading import AdapterLoadError, adapter_head_size, load_adapter, load_model, load_pretrained
+from .loading import (
+    AdapterLoadError,
+    adapter_head_size,
+    apply_labels,
+    check_model_path,
+    load_adapter,
+    load_model,
+    load_pretrained,
+    read_labels,
+)
 from .methods import (
     HEAD_NAMES,
     METHODS,
@@ -41,6 +50,8 @@ __all__ = [
     "Normalization",
     "Recipe",
     "adapter_head_size",
+    "apply_labels",
+    "check_model_path",
     "build_model",
     "count_trainable",
     "evaluate",
@@ -56,6 +67,7 @@ __all__ = [
     "param_groups",
     "predict",
     "prepare_model",
+    "read_labels",
     "save_image_processor",
     "to_pixel_values",
     "warmup_cosine",
