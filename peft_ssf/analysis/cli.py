@@ -17,16 +17,21 @@ centre-cropped with PIL + numpy, scaled to [0, 1], and the model's own normalisa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .features import Normalization, layer_names, resolve_normalization
+from .features import Normalization, _resolve, _view, layer_names, resolve_normalization
 from .protocol import CACHED, FAITHFUL, PROTOCOLS
+from .report import MIN_IMAGES, check_file_stems, check_settings
 
 __all__ = ["add_analyze_arguments", "load_images", "load_model", "run_analyze"]
 
@@ -101,9 +106,24 @@ def load_model(path: str | Path, base: str | Path | None = None) -> nn.Module:
     if not path.is_dir():
         raise AnalyzeError(f"model dir not found: {path}")
     try:
-        return engine_load_model(path, base, merge=True).eval()
+        with _no_loading_bars():
+            return engine_load_model(path, base, merge=True).eval()
     except AdapterLoadError as exc:
         raise AnalyzeError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """Hide transformers' per-model "Loading weights" bars: stderr is for the analysis' own progress and errors."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,6 +149,17 @@ def _resize_center_crop(image: Any, size: int) -> torch.Tensor:
     image = image.crop((left, top, left + size, top + size))
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _open_image(file: Path, size: int) -> torch.Tensor:
+    """One image file as [3, size, size] in [0, 1]; a file PIL cannot decode is a usage error naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(file) as img:
+            return _resize_center_crop(img, size)
+    except (OSError, ValueError, SyntaxError) as exc:  # UnidentifiedImageError is an OSError; truncated files too
+        raise AnalyzeError(f"cannot read image {file}: {exc}; remove or replace it") from exc
 
 
 def _evenly_spaced(count: int, n: int) -> list[int]:
@@ -182,22 +213,19 @@ def load_images(
         if column is None or column not in ds.column_names:
             raise AnalyzeError(f"no image column found in {root} (columns: {ds.column_names}); pass --image-column")
         rows = ds.select(range(min(n, len(ds))))
-        images = [_resize_center_crop(img, size) for img in rows[column]]
+        try:
+            images = [_resize_center_crop(img, size) for img in rows[column]]
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoding errors
+            raise AnalyzeError(f"cannot decode an image of {root} (column {column!r}): {exc}") from exc
     elif root.is_dir():
         folder = _split_dir(root, split)
         files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise AnalyzeError(f"no png/jpg images under {folder}")
-        from PIL import Image
 
-        images = []
-        for index in _evenly_spaced(len(files), n):
-            with Image.open(files[index]) as img:
-                images.append(_resize_center_crop(img, size))
+        images = [_open_image(files[index], size) for index in _evenly_spaced(len(files), n)]
     else:
         raise AnalyzeError(f"--images must be a directory, got {root}")
-    if len(images) < n:
-        print(f"note: only {len(images)} images available (asked for {n})", file=sys.stderr)
     return torch.stack(images)
 
 
@@ -219,6 +247,8 @@ def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
             raise AnalyzeError(f"--names has {len(names)} entries for {len(paths)} --finetuned models")
         if len(set(names)) != len(names):
             raise AnalyzeError("--names must be unique")
+        if any(not name.strip() for name in names):
+            raise AnalyzeError("--names must not be empty")
         return names
     out: list[str] = []
     for p in paths:
@@ -240,10 +270,70 @@ def run_analyze(args: argparse.Namespace) -> int:
 
 
 def _check_out(args: argparse.Namespace) -> Path:
+    """``--out`` must be a writable directory (or creatable), and empty unless ``--overwrite``. Writes nothing."""
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    if out.exists() and not out.is_dir():
+        raise AnalyzeError(f"--out {out} exists and is not a directory; pick another --out")
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise AnalyzeError(f"--out {out} exists and is not empty; pass --overwrite to write into it")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise AnalyzeError(f"cannot create --out {out}: {existing} is not a directory; pick another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise AnalyzeError(f"--out {out} is not writable (no write permission on {existing}); pick another --out")
     return out
+
+
+def _positive(name: str, value: float | None, integer: bool = True) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        kind = "a positive integer" if integer else "a finite number > 0"
+        raise AnalyzeError(f"{name} must be {kind}, got {value}")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Numeric options that can be checked before any model is loaded (one usage error each)."""
+    for name, value in (("--steps", args.steps), ("--batch-size", args.batch_size), ("--size", args.size),
+                        ("--threads", args.threads)):  # fmt: skip
+        _positive(name, value)
+    _positive("--step-size", args.step_size, integer=False)
+    if args.n is not None and args.n < MIN_IMAGES:
+        raise AnalyzeError(f"--n must be at least {MIN_IMAGES} (with fewer images CKA is not informative)")
+    if not (math.isfinite(args.tau) and 0.0 <= args.tau <= 1.0):
+        raise AnalyzeError(f"--tau must be a CKA threshold in [0, 1], got {args.tau}")
+    for name, values in (("--mean", args.mean), ("--std", args.std)):
+        if values is not None and not all(math.isfinite(v) for v in values):
+            raise AnalyzeError(f"{name} must be finite numbers, got {values}")
+
+
+def _device(requested: str | None) -> torch.device:
+    """The torch device to run on; an unknown or unavailable one is a usage error."""
+    if requested is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, ValueError) as exc:
+        raise AnalyzeError(f"--device {requested!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from exc
+    available = {
+        "cpu": lambda: True,
+        "cuda": lambda: torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": lambda: torch.backends.mps.is_available(),
+    }.get(device.type, lambda: True)
+    if not available():
+        raise AnalyzeError(f"--device {requested} is not available on this machine; use --device cpu")
+    return device
+
+
+def _check_layers(model: nn.Module, layers: list[str] | None) -> None:
+    if not layers:
+        return
+    view = _view(model)
+    for name in layers:
+        try:
+            _resolve(view, name)
+        except ValueError as exc:
+            raise AnalyzeError(f"--layers: {exc}") from exc
 
 
 def _report_names(args: argparse.Namespace) -> list[str]:
@@ -253,6 +343,10 @@ def _report_names(args: argparse.Namespace) -> list[str]:
         if args.names is not None:
             raise AnalyzeError("'pretrained' is the pretrained model's name in the report; pick another --names")
         names = [f"{n}_ft" if n == "pretrained" else n for n in names]
+    try:
+        check_file_stems(["pretrained", *names])
+    except ValueError as exc:
+        raise AnalyzeError(f"--names: {exc}") from exc
     return names
 
 
@@ -265,8 +359,6 @@ def _protocol_settings(args: argparse.Namespace, model: nn.Module) -> dict[str, 
     settings = protocol.resolve(_model_image_size(model), fresh_noise_per_cell=args.fresh_noise_per_cell, **given)
     if settings["size"] is None:
         raise AnalyzeError("cannot tell the model's input size from its config; pass --size")
-    if settings["n"] < 4:
-        raise AnalyzeError("--n must be at least 4")
     return settings
 
 
@@ -293,12 +385,14 @@ def _run(args: argparse.Namespace) -> int:
     from .report import compare
 
     out = _check_out(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_options(args)
+    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = _report_names(args)
     started = time.perf_counter()
     pretrained = load_model(args.pretrained, args.base).to(device)
+    _check_layers(pretrained, args.layers)
     finetuned = {name: load_model(path, args.base).to(device) for name, path in zip(names, args.finetuned)}
     protocol = _protocol_settings(args, pretrained)
     try:
@@ -306,6 +400,12 @@ def _run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise AnalyzeError(str(exc)) from exc
     images = load_images(args.images, protocol["n"], protocol["size"], args.split, args.image_column)
+    try:
+        check_settings(n_images=images.shape[0])
+    except ValueError as exc:
+        raise AnalyzeError(f"{exc}; add images to {args.images}") from exc
+    if images.shape[0] < protocol["n"]:
+        print(f"note: only {images.shape[0]} images available (asked for {protocol['n']})", file=sys.stderr)
     print(_describe(protocol, images, norm, device), file=sys.stderr)
     expected = _expected_inversions(args, pretrained, len(finetuned), protocol["fresh_noise_per_cell"])
     print(f"analyze: {expected} inversions to run", file=sys.stderr)
@@ -330,7 +430,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     report.settings.update(_cli_settings(args, names, protocol, norm))
-    written = report.save(out, plots=False if args.no_plots else None)
+    written = sorted(set(report.save(out, plots=False if args.no_plots else None)))
     print(report.summary())
     print(
         f"wrote {len(written)} files to {out} in {time.perf_counter() - started:.1f} s "

@@ -59,13 +59,18 @@ from .stir import (
     representation_grams,
 )
 
-__all__ = ["InvarianceReport", "compare"]
+__all__ = ["MIN_IMAGES", "InvarianceReport", "check_file_stems", "check_settings", "compare", "strict_json"]
 
 _PLOT_HINT = "plotting the invariance report needs matplotlib: pip install peft-ssf[plot] (or pip install matplotlib)"
 NOISE_BASELINE_DEFINITION = (
     "CKA(M_l(X), M_l(N)) per model M and layer l; N = the inversion's starting noise (standard normal, one seed per "
     "image) clamped to [0, 1]: the STIR value of an X' that carries no information about X"
 )
+NULL_MEANING = (
+    "null marks a value that is not defined (NaN in the computation), e.g. the CKA of a representation that is "
+    "constant over the images; report.json is strict JSON and holds no NaN or Infinity tokens"
+)
+MIN_IMAGES = 4  # centred Grams of n images have rank n - 1: n = 2 makes every CKA 1; the unbiased HSIC needs n > 3
 _ESTIMATORS = {
     False: "cached: one X' per (model, source layer), reused for every evaluated layer",
     True: "fresh noise per cell: a new inversion, from new starting noise, for every STIR cell",
@@ -165,7 +170,7 @@ class InvarianceReport:
         return self.noise_baseline[evaluated[0]], evaluated[1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary (NaN becomes None)."""
+        """JSON-ready dictionary (NaN becomes None, written as null; see ``NULL_MEANING``)."""
         return {
             "layers": self.layers,
             "pretrained": self.pretrained,
@@ -191,6 +196,7 @@ class InvarianceReport:
             },
             "settings": self.settings,
             "elapsed_s": self.elapsed_s,
+            "null": NULL_MEANING,
         }
 
     def summary(self) -> str:
@@ -225,30 +231,55 @@ class InvarianceReport:
         Every file is written to a temporary file in ``out_dir`` first and then moved into place with
         ``os.replace``, so a reader never sees a half-written file. ``plots=None`` plots when matplotlib is
         installed, ``True`` requires it (ImportError naming ``pip install peft-ssf[plot]``), ``False`` skips plots.
-        Returns the written paths.
+        Model names whose file stems collide (``ssf/x`` and ``ssf_x``) are refused before anything is written.
+        After the new files are in place, the files of a previous report in ``out_dir`` that the new one does not
+        write (its ``report.json`` lists them under ``files``) are removed, so nothing stale stays beside the new
+        report; other files are left alone. Returns the written paths (one per file, no duplicates).
         """
+        check_file_stems(self.models)
         if plots is None:
             plots = _has_matplotlib()
         if plots:
             _require_matplotlib()
         out = Path(out_dir)
+        names = [*self._text_names(), *(self._plot_names() if plots else [])]
+        previous = _previous_report_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        written = [atomic_write(out / name, text) for name, text in self._text_files().items()]
+        written = [atomic_write(out / name, text) for name, text in self._text_files(names).items()]
         if plots:
             written.extend(self._plot(out))
+        for name in sorted(previous - set(names)):
+            stale = out / name
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink()
         return written
 
-    def _text_files(self) -> dict[str, str]:
-        """File name -> content of report.json and every CSV."""
-        files = {"report.json": json.dumps(self.to_dict(), indent=2) + "\n"}
-        for kind, mats, corner in (
+    def _matrix_files(self) -> list[tuple[str, str, dict[str, torch.Tensor], str]]:
+        """(kind, model name, matrices, CSV corner label) per matrix file."""
+        kinds = (
             ("R", self.R, "pretrained_source\\finetuned_eval"),
             ("Q", self.Q, "pretrained_eval\\finetuned_source"),
             ("C", self.C, "pretrained\\finetuned"),
             ("W", self.W, "eval\\source"),
-        ):
-            for name, m in mats.items():
-                files[f"{kind}_{_safe(name)}.csv"] = _matrix_csv(m, self.layers, corner)
+        )
+        return [(kind, name, mats, corner) for kind, mats, corner in kinds for name in mats]
+
+    def _text_names(self) -> list[str]:
+        names = ["report.json", *(f"{kind}_{_safe(name)}.csv" for kind, name, _, _ in self._matrix_files())]
+        names += ["retention.csv", f"compression_tau{self.tau:g}.csv", "closeness.csv"]
+        names += ["noise_baseline.csv"] if self.noise_baseline else []
+        return [*names, "similarity.csv", "inversions.csv"]
+
+    def _plot_names(self) -> list[str]:
+        names = [f"{kind}_{_safe(name)}.png" for kind, name, _, _ in self._matrix_files()]
+        return [*names, *(["retention.png"] if self.finetuned else []), "closeness.png"]
+
+    def _text_files(self, names: Sequence[str] = ()) -> dict[str, str]:
+        """File name -> content of report.json (listing ``names``, every file of the report) and every CSV."""
+        data = {**self.to_dict(), "files": list(names)}
+        files = {"report.json": json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n"}
+        for kind, name, mats, corner in self._matrix_files():
+            files[f"{kind}_{_safe(name)}.csv"] = _matrix_csv(mats[name], self.layers, corner)
         files["retention.csv"] = _per_layer_csv("layer", self.layers, self.retention(), self.finetuned)
         comp = self.compression()
         comp_header = ["model", *comp[self.finetuned[0]][0].keys()] if self.finetuned else ["model"]
@@ -297,9 +328,8 @@ class InvarianceReport:
         from .plots import lines
 
         written = []
-        for kind, mats in (("R", self.R), ("Q", self.Q), ("C", self.C), ("W", self.W)):
-            for name in mats:
-                written.append(_save_figure(self.figure(kind, name), out / f"{kind}_{_safe(name)}.png"))
+        for kind, name, _, _ in self._matrix_files():
+            written.append(_save_figure(self.figure(kind, name), out / f"{kind}_{_safe(name)}.png"))
         if self.finetuned:
             floors = {f: self.noise_baseline[f] for f in self.finetuned if f in self.noise_baseline}
             title = "retention of pretrained invariance: R[i, i] (dashed: noise floor)"
@@ -317,7 +347,56 @@ def _fmt(value: Any) -> Any:
 
 
 def _safe(name: str) -> str:
+    """The file stem of a model name in the report's file names."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def check_file_stems(names: Sequence[str]) -> None:
+    """Refuse model names that would share report files (same stem after sanitising, ignoring case).
+
+    Raises:
+        ValueError: naming the colliding names and their common stem.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = _safe(name).casefold()
+        if stem in seen:
+            raise ValueError(
+                f"model names {seen[stem]!r} and {name!r} would write the same report files ({_safe(name)}.csv, "
+                "ignoring case); give them names that differ in letters, digits, '_', '.' or '-'"
+            )
+        seen[stem] = name
+
+
+_REPORT_FILE = re.compile(
+    r"^(report\.json|[RQCW]_[A-Za-z0-9_.-]+\.(csv|png)|(retention|closeness)\.(csv|png)|compression_tau[^/]*\.csv"
+    r"|noise_baseline\.csv|similarity\.csv|inversions\.csv)$"
+)
+
+
+def _previous_report_files(out: Path) -> set[str]:
+    """Names of the files a previous report in ``out`` wrote: its report.json's ``files`` list, or (for a report
+    written before that list existed) the files whose names only a report writes."""
+    try:
+        listed = json.loads((out / "report.json").read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if isinstance(listed, list) and all(isinstance(v, str) for v in listed):
+        names = set(listed)
+    else:
+        names = {p.name for p in out.iterdir() if p.is_file()}
+    return {name for name in names if _REPORT_FILE.match(name) and name == Path(name).name}
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, so that it is valid strict JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _table_csv(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
@@ -383,6 +462,30 @@ def _cells(pretrained: str, finetuned: Sequence[str], n_layers: int, reverse: bo
         for m in [pretrained, *finetuned]:
             cells += [_Cell("W", m, i, j, (m, j), (m, i)) for i, j in grid]
     return cells
+
+
+def check_settings(
+    *, n_images: int | None = None, steps: Any = None, step_size: Any = None, batch_size: Any = None, tau: Any = None
+) -> None:
+    """Refuse settings that would give a meaningless report (checked before any work; None = not given).
+
+    Raises:
+        ValueError: naming the setting, the value and what is allowed.
+    """
+    if n_images is not None and n_images < MIN_IMAGES:
+        raise ValueError(
+            f"the analysis needs at least {MIN_IMAGES} images, got {n_images}: the centred Gram of n images has "
+            "rank n - 1 (with 2 images every CKA is 1) and the unbiased HSIC needs n > 3"
+        )
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if step_size is not None and not (
+        isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0
+    ):
+        raise ValueError(f"step_size must be a finite number > 0 (the L2 length of a pixel step), got {step_size!r}")
+    if tau is not None and not (isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0):
+        raise ValueError(f"tau must be a CKA threshold in [0, 1], got {tau!r}")
 
 
 def _cell_seed(seed: int, cell: _Cell) -> int:
@@ -598,6 +701,7 @@ def compare(
     """
     started = time.perf_counter()
     _check_images(images)
+    check_settings(n_images=images.shape[0], steps=steps, step_size=step_size, batch_size=batch_size, tau=tau)
     models = _named_models(pretrained, finetuned, pretrained_name)
     ft_names = list(models)[1:]
     layers = list(layers) if layers is not None else layer_names(pretrained)

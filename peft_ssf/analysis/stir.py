@@ -158,6 +158,10 @@ def invert(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_images(images)
     norm = normalization or resolve_normalization(model, mean, std, processor)
     probe = LayerProbe(model, layer, tokens, norm)
