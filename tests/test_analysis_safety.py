@@ -185,3 +185,58 @@ def test_library_refuses_nan_step_size_and_tau():
         invert(_tiny_vit(0), "final", x, steps=1, step_size=math.nan, mean=0.5, std=0.5, progress=False)
     with pytest.raises(ValueError, match="tau"):
         compare(_tiny_vit(0), _tiny_vit(1), x, steps=1, tau=math.nan, mean=0.5, std=0.5, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 25.13: analysis options, corrupt images, unwritable output: one line on stderr, exit 2, nothing written
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _corrupt_images(root, tmp_path):
+    folder = tmp_path / "corrupt"
+    _write_images(folder, 5)
+    (folder / "002.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return ["--images", str(folder)], "002.png"
+
+
+def _out_under_a_file(root, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    return ["--out", str(tmp_path / "a_file" / "report")], "not a directory"
+
+
+def _no_cuda(root, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    return ["--device", "cuda"], "--device cuda is not available"
+
+
+INVALID = {
+    "steps 0": lambda r, t: (["--steps", "0"], "--steps must be a positive integer"),
+    "batch-size 0": lambda r, t: (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    "size 0": lambda r, t: (["--size", "0"], "--size must be a positive integer"),
+    "threads 0": lambda r, t: (["--threads", "0"], "--threads must be a positive integer"),
+    "layers nope": lambda r, t: (["--layers", "nope"], "--layers: unknown layer 'nope'"),
+    "layers block9": lambda r, t: (["--layers", "block9"], "'block9' does not exist"),
+    "device cuda without CUDA": _no_cuda,
+    "device bogus": lambda r, t: (["--device", "bogus"], "is not a torch device"),
+    "corrupt image": _corrupt_images,
+    "out under a file": _out_under_a_file,
+    "out is a file": lambda r, t: ((t / "f").write_text("x") and ["--out", str(t / "f")], "not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_invocations_are_one_line_exit_2_nothing_written(models, tmp_path, capfd, case):
+    extra, says = INVALID[case](models, tmp_path)
+    argv = _argv(models, tmp_path / "out")
+    for flag in ("--images", "--out", "--layers"):  # a case's own value replaces _argv's
+        if flag in extra:
+            i = argv.index(flag)
+            end = i + 1
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            del argv[i:end]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    err = _one_line_exit_2(capfd, [*argv, *extra])
+    assert err.startswith("peft-ssf analyze: error: ") and says in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
