@@ -679,10 +679,10 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
     assert settings["estimator"].startswith("fresh noise per cell")
     assert settings["protocol"] == {
         "protocol": "faithful", "n": 5, "steps": 2, "step_size": 0.5, "size": 16, "fresh_noise_per_cell": True,
-        "overrides": {"n": 5, "steps": 2},
+        "reverse": False, "within": False, "overrides": {"n": 5, "steps": 2, "reverse": False, "within": False},
     }  # fmt: skip
     assert settings["faithful"] is False  # overridden settings are not called faithful
-    assert "protocol faithful (overrides: n=5, steps=2)" in capsys.readouterr().err
+    assert "protocol faithful (overrides: n=5, steps=2, reverse=False, within=False)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _analyze_parser().parse_args([*argv, "--protocol", "bogus"])
     assert run_analyze(_analyze_parser().parse_args([*argv, "--overwrite", "--protocol", "cached"])) == 2
@@ -692,7 +692,7 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
 
     assert FAITHFUL.resolve(None) == {
         "protocol": "faithful", "n": 500, "steps": 500, "step_size": 0.5, "size": 224,
-        "fresh_noise_per_cell": True, "overrides": {},
+        "fresh_noise_per_cell": True, "reverse": True, "within": True, "overrides": {},
     }  # fmt: skip
     assert FAITHFUL.resolve(384)["n"] == 100
     help_text = " ".join(_analyze_parser().format_help().split())
@@ -920,3 +920,110 @@ def test_example_script_runs_end_to_end_and_reports_noise_floors(tmp_path, small
     spec.loader.exec_module(example)
     report = small_report[3]
     assert example.estimator_difference(report, report).count("max 0.000, mean 0.000") == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24 item 8: cost of the default run, model names, closeness plot, progress that agrees with the settings.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_names_skip_generic_dir_names(tmp_path):
+    from peft_ssf.analysis.cli import default_name
+
+    assert default_name(tmp_path / "demo" / "ssf" / "adapter") == "ssf"
+    assert default_name(tmp_path / "demo" / "full" / "model") == "full"
+    assert default_name(tmp_path / "run7" / "checkpoint-50") == "run7-50"
+    assert default_name(tmp_path / "vit-lora") == "vit-lora"
+    adapter = tmp_path / "model" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/vit-tiny/",
+                                                             "peft_type": "SSF"}))  # fmt: skip
+    assert default_name(adapter) == "vit-tiny+ssf"
+
+
+def test_identical_backbones_share_their_inversions():
+    """A head-only fine-tune computes exactly what the pretrained backbone computes: its inversions are reused."""
+    pretrained = tiny_vit()
+    head_only = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        head_only.classifier.weight.add_(1.0)
+    full = perturbed(pretrained, 0.3, seed=4)
+    x = images(4)
+    report = compare(pretrained, {"head": head_only, "full": full}, x, steps=2, progress=False, **NORM)
+    n_layers = len(report.layers)
+    assert report.inversions_performed == 2 * n_layers  # pretrained and full; head reuses the pretrained ones
+    assert report.settings["shared_inversions"] == {"head": "pretrained"}
+    # same values as without sharing: R(head)[i, j] = STIR(head_j | P_i) = W(P)[j, i] for identical models
+    torch.testing.assert_close(report.R["head"], report.W["pretrained"].T, rtol=0, atol=0)
+    alone = compare(pretrained, {"full": full}, x, steps=2, progress=False, **NORM)
+    torch.testing.assert_close(report.R["full"], alone.R["full"], rtol=0, atol=0)
+    torch.testing.assert_close(report.Q["full"], alone.Q["full"], rtol=0, atol=0)
+
+
+def test_cli_default_is_the_pretrained_inversions_only_and_says_its_cost_first(tmp_path, capfd):
+    from peft_ssf_cli import main
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full" / "model")
+    perturbed(pretrained, 0.1, seed=5).save_pretrained(tmp_path / "ssf" / "merged")
+    _write_images(tmp_path / "imgs", 6, size=(24, 20))
+    argv = [
+        "analyze", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full" / "model"),
+        str(tmp_path / "ssf" / "merged"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+        "--n", "5", "--steps", "3", "--batch-size", "4", "--mean", "0.5", "--std", "0.5", "--no-plots", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["finetuned"] == ["full", "ssf"]  # not "model" / "merged"
+    assert data["inversions"]["performed"] == 3 and data["Q"] == {} and data["W"] == {}  # L = 3 (2 blocks + final)
+    assert data["settings"]["protocol"]["reverse"] is False and data["settings"]["protocol"]["within"] is False
+    cost = "analyze: 3 inversions (1 model(s) x 3 layers) x 3 steps x 5 images (2 batch(es) of 4) = 18 forward"
+    assert cost in captured.err
+    assert (tmp_path / "out" / "R_full.csv").is_file() and (tmp_path / "out" / "R_ssf.csv").is_file()
+    # Q and W on request: every fine-tuned model is inverted too
+    assert main([*argv, "--overwrite", "--reverse", "--within"]) == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["inversions"]["performed"] == 9 and sorted(data["W"]) == ["full", "pretrained", "ssf"]
+    assert "analyze: 9 inversions (3 model(s) x 3 layers)" in capfd.readouterr().err
+
+
+def test_progress_counts_the_steps_the_header_states(monkeypatch):
+    import importlib
+
+    stir_module = importlib.import_module("peft_ssf.analysis.stir")  # the module, not the function of that name
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, enabled, leave=False):
+            self.total, self.count, self.per_batch = total, 0, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.count += n
+
+        def reset(self, total=None):
+            self.per_batch.append(self.count)
+            self.total, self.count = total, 0
+
+        def set_description(self, desc):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            self.per_batch.append(self.count)
+
+    monkeypatch.setattr(stir_module, "_progress", Recorder)
+    invert(tiny_vit(), "block0", images(6), steps=5, batch_size=4, **NORM)
+    (bar,) = bars
+    assert bar.total == 5 and bar.per_batch == [0, 5, 5]  # 5 steps for images 1-4, then 5 for images 5-6
+
+
+def test_closeness_plot_leaves_out_the_reference_against_itself(small_report):
+    pytest.importorskip("matplotlib")
+    report = small_report[3]
+    labels = [line.get_label() for line in report.closeness_figure().axes[0].get_lines()]
+    assert report.reference == "near" and "near" not in labels and labels == ["pretrained", "far"]

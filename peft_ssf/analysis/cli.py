@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -29,11 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .features import Normalization, _resolve, _view, layer_names, resolve_normalization
+from .features import FINAL, LayerProbe, Normalization, _resolve, _view, eval_mode, layer_names, resolve_normalization
 from .protocol import CACHED, FAITHFUL, PROTOCOLS
-from .report import MIN_IMAGES, check_file_stems, check_settings
+from .report import MIN_IMAGES, check_file_stems, check_settings, planned_inversions
 
-__all__ = ["add_analyze_arguments", "load_images", "load_model", "run_analyze"]
+__all__ = ["add_analyze_arguments", "default_name", "load_images", "load_model", "run_analyze"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _SPLIT_PREFERENCE = ("test", "validation", "val", "valid", "eval")
@@ -48,7 +50,12 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
     p.add_argument("--pretrained", required=True, help="local dir of the pretrained model (or a PEFT adapter dir)")
     p.add_argument("--finetuned", required=True, nargs="+", help="local dirs of fine-tuned models or PEFT adapters")
-    p.add_argument("--names", nargs="+", help="report names of the fine-tuned models (default: their dir names)")
+    p.add_argument(
+        "--names",
+        nargs="+",
+        help="report names of the fine-tuned models (default: the dir name, or its parent's for a generic dir name "
+        "such as model/ or adapter/: out/ssf/adapter is 'ssf')",
+    )
     p.add_argument("--images", required=True, help="image folder (recursive png/jpg) or a datasets save_to_disk dir")
     p.add_argument("--split", help="split of a DatasetDict / imagefolder (default: test, validation, val, ...)")
     p.add_argument("--image-column", help="image column of a datasets dir (default: the first Image feature)")
@@ -79,8 +86,19 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", type=float, nargs="+", help="input normalisation mean (default: the model's processor)")
     p.add_argument("--std", type=float, nargs="+", help="input normalisation std (default: the model's processor)")
     p.add_argument("--unbiased", action="store_true", help="unbiased HSIC estimator in every CKA")
-    p.add_argument("--no-reverse", action="store_true", help="skip Q = STIR(P | F) (halves the inversions)")
-    p.add_argument("--no-within", action="store_true", help="skip the within-model matrices W")
+    p.add_argument(
+        "--reverse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also compute Q = STIR(P | F): inverts every fine-tuned model too (default: the protocol's; cached: "
+        "off, faithful: on)",
+    )
+    p.add_argument(
+        "--within",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also compute the within-model matrices W (default: the protocol's; cached: off, faithful: on)",
+    )
     p.add_argument("--base", help="base model dir for adapters whose base_model_name_or_path is not a local dir")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads (small models on a busy CPU: 1 is often fastest)")
@@ -241,6 +259,29 @@ def _model_image_size(model: nn.Module) -> int | None:
     return int(size) if size else None
 
 
+_GENERIC_DIRS = frozenset({"model", "adapter", "merged", "final", "best", "output", "outputs", "finetuned", "ckpt"})
+
+
+def default_name(path: str | Path) -> str:
+    """A report name for a model dir: its name, or for a generic name (``model``, ``adapter``, ``merged``,
+    ``checkpoint-N``, ...) its parent's (``out/ssf/adapter`` -> ``ssf``, ``run/checkpoint-50`` -> ``run-50``); an
+    adapter whose parent is generic too is named after its base model and method (``vit-tiny+ssf``)."""
+    p = Path(path).resolve()
+    leaf = p.name or "finetuned"
+    step = leaf.split("-", 1)[1] if leaf.startswith("checkpoint-") else None
+    if leaf.lower() not in _GENERIC_DIRS and step is None:
+        return leaf
+    parent = p.parent.name
+    if parent and parent.lower() not in _GENERIC_DIRS:
+        return parent if step is None else f"{parent}-{step}"
+    try:
+        config = json.loads((p / "adapter_config.json").read_text(encoding="utf-8"))
+        base = Path(str(config["base_model_name_or_path"]).rstrip("/")).name
+        return f"{base}+{str(config['peft_type']).lower()}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return leaf
+
+
 def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
     if names is not None:
         if len(names) != len(paths):
@@ -252,7 +293,7 @@ def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
         return names
     out: list[str] = []
     for p in paths:
-        base = Path(p).resolve().name or "finetuned"
+        base = default_name(p)
         name, k = base, 2
         while name in out:
             name, k = f"{base}_{k}", k + 1
@@ -355,29 +396,73 @@ def _protocol_settings(args: argparse.Namespace, model: nn.Module) -> dict[str, 
     if args.faithful and args.protocol not in (None, FAITHFUL.name):
         raise AnalyzeError(f"--faithful contradicts --protocol {args.protocol}")
     protocol = PROTOCOLS[FAITHFUL.name if args.faithful else args.protocol or CACHED.name]
-    given = {"n": args.n, "steps": args.steps, "step_size": args.step_size, "size": args.size}
-    settings = protocol.resolve(_model_image_size(model), fresh_noise_per_cell=args.fresh_noise_per_cell, **given)
+    given = {"n": args.n, "steps": args.steps, "step_size": args.step_size, "size": args.size,
+             "fresh_noise_per_cell": args.fresh_noise_per_cell, "reverse": args.reverse,
+             "within": args.within}  # fmt: skip
+    settings = protocol.resolve(_model_image_size(model), **given)
     if settings["size"] is None:
         raise AnalyzeError("cannot tell the model's input size from its config; pass --size")
     return settings
 
 
-def _expected_inversions(args: argparse.Namespace, model: nn.Module, m: int, fresh: bool) -> int:
-    """How many inversions compare() will run: L (1 + m) cached, one per STIR cell with fresh noise."""
-    n_layers = len(args.layers) if args.layers else len(layer_names(model))
-    if not fresh:
-        return n_layers * (1 + (0 if args.no_reverse and args.no_within else m))
-    matrices = m + (0 if args.no_reverse else m) + (0 if args.no_within else 1 + m)
-    return n_layers * n_layers * matrices
+def _seconds_per_pass(model: nn.Module, layer: str, batch: torch.Tensor, tokens: str, norm: Normalization) -> float:
+    """Wall time of one inversion step (forward + backward to the pixels) on ``batch`` at ``layer``."""
+    probe = LayerProbe(model, layer, tokens, norm)
+    times = []
+    with eval_mode(probe.view.model):
+        for _ in range(2):  # the first pass warms up allocators and kernels
+            x = batch.clone().requires_grad_(True)
+            started = time.perf_counter()
+            torch.autograd.grad(probe(x).square().sum(), x)
+            times.append(time.perf_counter() - started)
+    return times[-1]
+
+
+def _cost(models: dict[str, nn.Module], layers: list[str], images: torch.Tensor, protocol: dict[str, Any],
+          args: argparse.Namespace, norm: Normalization) -> str:  # fmt: skip
+    """What the run will cost, said before it starts: inversions x steps x batches, and a measured time estimate."""
+    plan = planned_inversions(
+        models, len(layers), reverse=protocol["reverse"], within=protocol["within"],
+        fresh_noise_per_cell=protocol["fresh_noise_per_cell"],
+    )  # fmt: skip
+    n = images.shape[0]
+    batch = min(args.batch_size, n)
+    n_batches = math.ceil(n / batch)
+    pretrained = next(iter(models.values()))
+    blocks = len(_view(pretrained).blocks) or 1
+    deepest = FINAL if FINAL in layers else layers[-1]
+    seconds = _seconds_per_pass(pretrained, deepest, images[:batch], args.tokens, norm)
+    match = (re.fullmatch(r"block(\d+)", layers[k]) for _, k in plan)
+    depth = sum((int(m.group(1)) + 1) / blocks if m else 1.0 for m in match)  # a cut pass costs its depth
+    passes = len(plan) * protocol["steps"] * n_batches
+    estimate = depth * protocol["steps"] * n_batches * seconds
+    sources = len({name for name, _ in plan})
+    return (
+        f"analyze: {len(plan)} inversions ({sources} model(s) x {len(layers)} layers"
+        f"{', one per STIR cell' if protocol['fresh_noise_per_cell'] else ''}) x {protocol['steps']} steps x "
+        f"{n} images ({n_batches} batch(es) of {batch}) = {passes} forward+backward passes; about "
+        f"{_duration(estimate)} here ({seconds * 1000:.0f} ms per pass to {deepest!r})"
+    )
+
+
+def _duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.1f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _describe(protocol: dict[str, Any], images: torch.Tensor, norm: Normalization, device: torch.device) -> str:
     overrides = ", ".join(f"{k}={v}" for k, v in protocol["overrides"].items()) or "none"
     noise = "fresh noise per cell" if protocol["fresh_noise_per_cell"] else "cached X'"
+    matrices = "R, C" + (", Q" if protocol["reverse"] else "") + (", W" if protocol["within"] else "")
     return (
         f"analyze: protocol {protocol['protocol']} (overrides: {overrides}): {images.shape[0]} images at "
-        f"{protocol['size']} px, {protocol['steps']} steps of {protocol['step_size']}, {noise}; normalisation "
-        f"from {norm.source}; device {device}"
+        f"{protocol['size']} px, {protocol['steps']} steps of {protocol['step_size']}, {noise}, {matrices}; "
+        f"normalisation from {norm.source}; device {device}"
     )
 
 
@@ -406,14 +491,14 @@ def _run(args: argparse.Namespace) -> int:
         raise AnalyzeError(f"{exc}; add images to {args.images}") from exc
     if images.shape[0] < protocol["n"]:
         print(f"note: only {images.shape[0]} images available (asked for {protocol['n']})", file=sys.stderr)
+    layers = list(args.layers) if args.layers else layer_names(pretrained)
     print(_describe(protocol, images, norm, device), file=sys.stderr)
-    expected = _expected_inversions(args, pretrained, len(finetuned), protocol["fresh_noise_per_cell"])
-    print(f"analyze: {expected} inversions to run", file=sys.stderr)
+    print(_cost({"pretrained": pretrained, **finetuned}, layers, images, protocol, args, norm), file=sys.stderr)
     report = compare(
         pretrained,
         finetuned,
         images,
-        layers=args.layers,
+        layers=layers,
         tokens=args.tokens,
         steps=protocol["steps"],
         step_size=protocol["step_size"],
@@ -423,8 +508,8 @@ def _run(args: argparse.Namespace) -> int:
         std=norm.std,
         tau=args.tau,
         unbiased=args.unbiased,
-        reverse=not args.no_reverse,
-        within=not args.no_within,
+        reverse=protocol["reverse"],
+        within=protocol["within"],
         reference=args.reference,
         fresh_noise_per_cell=protocol["fresh_noise_per_cell"],
         progress=not args.quiet,

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..io import atomic_write
 from .cka import cka_from_grams
-from .features import Normalization, TokenMode, layer_names, resolve_normalization
+from .features import Normalization, TokenMode, _view, layer_names, resolve_normalization, unwrap_model
 from .stir import (
     InversionCache,
     InversionResult,
@@ -59,7 +59,16 @@ from .stir import (
     representation_grams,
 )
 
-__all__ = ["MIN_IMAGES", "InvarianceReport", "check_file_stems", "check_settings", "compare", "strict_json"]
+__all__ = [
+    "MIN_IMAGES",
+    "InvarianceReport",
+    "check_file_stems",
+    "check_settings",
+    "compare",
+    "identical_models",
+    "planned_inversions",
+    "strict_json",
+]
 
 _PLOT_HINT = "plotting the invariance report needs matplotlib: pip install peft-ssf[plot] (or pip install matplotlib)"
 NOISE_BASELINE_DEFINITION = (
@@ -324,6 +333,13 @@ class InvarianceReport:
         floor, axis = self.floor(kind, name)
         return heatmap(matrix, self.layers, title, ylabel, xlabel, floor=floor, floor_axis=axis)
 
+    def closeness_figure(self) -> Any:
+        """Per-layer CKA of every model to the reference on clean images (the reference itself, 1.0, is left out)."""
+        from .plots import lines
+
+        others = {name: v for name, v in self.closeness().items() if name != self.reference}
+        return lines(self.layers, others, f"CKA to {self.reference} per layer (clean images)", "linear CKA")
+
     def _plot(self, out: Path) -> list[Path]:
         from .plots import lines
 
@@ -335,8 +351,7 @@ class InvarianceReport:
             title = "retention of pretrained invariance: R[i, i] (dashed: noise floor)"
             fig = lines(self.layers, self.retention(), title, "retention", floors=floors)
             written.append(_save_figure(fig, out / "retention.png"))
-        fig = lines(self.layers, self.closeness(), f"CKA to {self.reference} per layer (clean images)", "linear CKA")
-        written.append(_save_figure(fig, out / "closeness.png"))
+        written.append(_save_figure(self.closeness_figure(), out / "closeness.png"))
         return written
 
 
@@ -531,6 +546,63 @@ def _named_models(
     return models
 
 
+# Config entries that only concern the classification head or bookkeeping, not the analysed backbone's function.
+_HEAD_KEYS = frozenset(
+    {"id2label", "label2id", "num_labels", "_name_or_path", "architectures", "problem_type", "finetuning_task",
+     "transformers_version", "dtype", "torch_dtype"}
+)  # fmt: skip
+
+
+def _analysed_part(model: nn.Module) -> tuple[Any, ...]:
+    """What decides a model's representations at every analysed layer: module types, config, weights, buffers."""
+    view = _view(model)
+    config = getattr(view.model, "config", None)
+    config = {k: v for k, v in config.to_dict().items() if k not in _HEAD_KEYS} if config is not None else None
+    return [type(m) for m in view.backbone.modules()], config, view.backbone.state_dict()
+
+
+def _same_function(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[0] != b[0] or a[1] != b[1] or a[2].keys() != b[2].keys():
+        return False
+    pairs = ((a[2][k], b[2][k]) for k in a[2])
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and x.device == y.device and torch.equal(x, y) for x, y in pairs
+    )
+
+
+def identical_models(models: Mapping[str, nn.Module]) -> dict[str, str]:
+    """``name -> name`` of the first model (in order) whose analysed part computes exactly what this one computes.
+
+    Two models are identical here when their backbones (the part every analysed layer reads; the classification
+    head is never used) have the same module types, the same config apart from label entries and equal weights and
+    buffers, e.g. a head-only fine-tune and its pretrained model. Their inversions are equal to the last bit, so
+    :func:`compare` runs them once. PEFT-wrapped models are never merged with another (adapter state such as
+    disabled adapters lives outside the weights); the ``peft-ssf analyze`` command merges adapters on load.
+    """
+    parts = {name: None if unwrap_model(m) is not m else _analysed_part(m) for name, m in models.items()}
+    alias: dict[str, str] = {}
+    for name, part in parts.items():
+        same = (other for other in alias if alias[other] == other and part is not None and parts[other] is not None)
+        alias[name] = next((other for other in same if _same_function(parts[other], part)), name)
+    return alias
+
+
+def planned_inversions(
+    models: Mapping[str, nn.Module], n_layers: int, *, reverse: bool, within: bool, fresh_noise_per_cell: bool
+) -> list[tuple[str, int]]:
+    """The (model name, source layer index) of every inversion :func:`compare` will run, in order.
+
+    Cached: one per distinct source (identical models share theirs, see :func:`identical_models`); fresh noise per
+    cell: one per STIR cell. Used to say what a run costs before it starts.
+    """
+    names = list(models)
+    cells = _cells(names[0], names[1:], n_layers, reverse, within)
+    if fresh_noise_per_cell:
+        return [c.source for c in cells]
+    alias = identical_models(models)
+    return list(dict.fromkeys((alias[name], layer) for name, layer in (c.source for c in cells)))
+
+
 def _similarity(run: _Run) -> torch.Tensor:
     """[L, M, M] CKA between every pair of models at every layer, on the clean images."""
     names = list(run.models)
@@ -576,19 +648,21 @@ def _stir_cached(run: _Run, cells: Sequence[_Cell]) -> tuple[dict[tuple[str, str
     for cell in cells:
         by_source[cell.source].append(cell)
     cache = InversionCache()
-    bar = _progress(len(by_source), "inversions", run.progress, leave=True)
+    alias = identical_models(run.models)  # identical models share one inversion per source layer
+    bar = _progress(len({(alias[m], layer) for m, layer in by_source}), "inversions", run.progress, leave=True)
     for (src_name, src_layer), group in by_source.items():
-        model = run.models[src_name]
+        before = cache.performed
         result = cache.invert(
-            model, run.layers[src_layer], run.images, seed=run.seed, progress=run.progress, **run.inversion
-        )
+            run.models[alias[src_name]], run.layers[src_layer], run.images, seed=run.seed, progress=run.progress,
+            **run.inversion,
+        )  # fmt: skip
         losses[(src_name, src_layer)].append(result)
         for eval_name in dict.fromkeys(c.target[0] for c in group):
             grams = run.evaluate(eval_name, result.inputs, run.layers)
             for cell in (c for c in group if c.target[0] == eval_name):
                 layer = run.layers[cell.target[1]]
                 mats[(cell.matrix, cell.key)][cell.row, cell.col] = run.cka(eval_name, layer, grams[layer])
-        bar.update(1)
+        bar.update(cache.performed - before)
     bar.close()
     return mats, losses, cache.performed
 
@@ -727,6 +801,8 @@ def compare(
     cells = _cells(pretrained_name, ft_names, len(layers), reverse, within)
     mats, losses, performed = (_stir_fresh if fresh_noise_per_cell else _stir_cached)(run, cells)
     flags = {"reverse": reverse, "within": within, "fresh_noise_per_cell": fresh_noise_per_cell}
+    if not fresh_noise_per_cell:
+        flags["shared_inversions"] = {k: v for k, v in identical_models(models).items() if k != v}
     return InvarianceReport(
         layers=layers,
         pretrained=pretrained_name,

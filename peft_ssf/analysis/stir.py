@@ -83,6 +83,12 @@ class _NoProgress:
     def update(self, n: int = 1) -> None:
         pass
 
+    def reset(self, total: int | None = None) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
     def set_postfix_str(self, s: str) -> None:
         pass
 
@@ -171,12 +177,15 @@ def invert(
     out_loss = torch.empty(n, dtype=torch.float64)
     out_start = torch.empty(n, dtype=torch.float64)
     n_batches = math.ceil(n / batch_size)
-    bar = _progress(steps * n_batches, f"invert {layer}", progress)
+    bar = _progress(steps, f"invert {layer}", progress)  # counts steps, as the settings state them, per batch
     with eval_mode(probe.view.model):
         if check_cut:
             _check_cut(probe, images[: min(n, 4)].to(device, torch.float32))
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
+            if n_batches > 1:
+                bar.reset(total=steps)
+                bar.set_description(f"invert {layer} (images {start + 1}-{stop} of {n})")
             clean = images[start:stop].to(device, torch.float32)
             noise = start_noise(images.shape[1:], seed, range(start, stop)).to(device)
             x, loss, start_loss = _search(probe, clean, noise, steps, step_size, bar)
