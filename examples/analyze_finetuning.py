@@ -6,7 +6,7 @@ What it does (default, no arguments):
    position with a random shape, so the pretrained backbone has no reason to keep track of position or shape;
 2. fine-tunes it to tell the object's *position* (which quadrant) three ways: full fine-tuning, SSF
    (``peft_ssf``; skipped if the tuner is not importable) and head only (frozen backbone + new linear head);
-3. runs :func:`peft_ssf.analysis.compare` on held-out images and writes report.json, CSVs and heatmaps, with
+3. runs :func:`peft_ssf_analysis.compare` on held-out images and writes report.json, CSVs and heatmaps, with
    every model's per-layer noise floor CKA(M_l(X), M_l(noise)).
 
 With ``--pretrained DIR --finetuned DIR [DIR ...] --images DIR`` it analyses your own local models instead (same
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from peft_ssf.analysis import InvarianceReport, compare
+from peft_ssf_analysis import InvarianceReport, compare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -197,7 +197,7 @@ def parse_args() -> argparse.Namespace:
 def models_and_images(args: argparse.Namespace) -> tuple[nn.Module, dict[str, nn.Module], torch.Tensor, dict]:
     """The models and images to analyse, the normalisation to pass (empty: read from the model dir), accuracies."""
     if args.pretrained:
-        from peft_ssf.analysis.cli import load_images, load_model
+        from peft_ssf_analysis.cli import load_images, load_model
 
         pretrained = load_model(args.pretrained)
         finetuned = {Path(p).resolve().name: load_model(p) for p in args.finetuned}

@@ -1,4 +1,4 @@
-"""Tests of the invariance analysis toolkit (peft_ssf.analysis): CKA, features, inversion, STIR, report, CLI.
+"""Tests of the invariance analysis toolkit (peft_ssf_analysis): CKA, features, inversion, STIR, report, CLI.
 
 Tiny offline models only; the whole file runs in well under a minute on two CPU cores.
 """
@@ -24,7 +24,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from peft_ssf.analysis import (
+from peft_ssf_analysis import (
     InversionCache,
     MinibatchCKA,
     Normalization,
@@ -40,8 +40,8 @@ from peft_ssf.analysis import (
     stir,
     stir_matrix,
 )
-from peft_ssf.analysis import cka as cka_module
-from peft_ssf.analysis.features import LayerProbe
+from peft_ssf_analysis import cka as cka_module
+from peft_ssf_analysis.features import LayerProbe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -568,7 +568,7 @@ def _write_images(folder, count: int, size=(20, 12)) -> None:
 
 
 def test_load_images_folder_and_datasets_dir(tmp_path):
-    from peft_ssf.analysis.cli import load_images
+    from peft_ssf_analysis.cli import load_images
 
     _write_images(tmp_path / "imgs" / "test", 10)
     _write_images(tmp_path / "imgs" / "train", 3)
@@ -593,7 +593,7 @@ def test_load_images_folder_and_datasets_dir(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
     import argparse
 
-    from peft_ssf.analysis.cli import add_analyze_arguments, run_analyze
+    from peft_ssf_analysis.cli import add_analyze_arguments, run_analyze
 
     pretrained = tiny_vit()
     pretrained.save_pretrained(tmp_path / "pre")
@@ -627,7 +627,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
     ssf_config = _ssf_config()
     peft = pytest.importorskip("peft")
-    from peft_ssf.analysis.cli import load_model
+    from peft_ssf_analysis.cli import load_model
 
     tiny_vit().save_pretrained(tmp_path / "base")
     base = ViTForImageClassification.from_pretrained(tmp_path / "base")
@@ -650,7 +650,7 @@ def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
 def _analyze_parser():
     import argparse
 
-    from peft_ssf.analysis.cli import add_analyze_arguments
+    from peft_ssf_analysis.cli import add_analyze_arguments
 
     parser = argparse.ArgumentParser()
     add_analyze_arguments(parser)
@@ -658,7 +658,7 @@ def _analyze_parser():
 
 
 def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tmp_path, capsys):
-    from peft_ssf.analysis.cli import run_analyze
+    from peft_ssf_analysis.cli import run_analyze
 
     pretrained = tiny_vit()
     pretrained.save_pretrained(tmp_path / "pre")
@@ -688,7 +688,7 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
     assert run_analyze(_analyze_parser().parse_args([*argv, "--overwrite", "--protocol", "cached"])) == 2
 
     # what --faithful sets, and where it says so
-    from peft_ssf.analysis.protocol import FAITHFUL
+    from peft_ssf_analysis.protocol import FAITHFUL
 
     assert FAITHFUL.resolve(None) == {
         "protocol": "faithful", "n": 500, "steps": 500, "step_size": 0.5, "size": 224,
@@ -702,7 +702,7 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
 def test_report_carries_a_per_layer_noise_baseline(small_report, tmp_path):
     pretrained, finetuned, x, report = small_report
     assert set(report.noise_baseline) == {"pretrained", "near", "far"}
-    from peft_ssf.analysis import noise_baseline, noise_images
+    from peft_ssf_analysis import noise_baseline, noise_images
 
     noise = noise_images(x.shape[1:], x.shape[0], seed=0)
     assert float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0
@@ -748,8 +748,8 @@ def test_representations_run_in_eval_mode_and_restore_the_callers_mode():
 
 
 def test_half_precision_features_are_promoted_before_the_gram():
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis.cka import center_gram
 
     model = tiny_vit().to(torch.bfloat16)
     x = images(5)
@@ -815,8 +815,8 @@ def test_summary_prints_nan_for_an_all_nan_row(small_report):
 
 
 def test_representation_grams_on_the_cpu_are_float64_exact():
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis.cka import center_gram
 
     model = tiny_vit()
     x = images(6)
@@ -831,9 +831,9 @@ def test_representation_grams_on_the_cpu_are_float64_exact():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grams_are_built_on_the_model_device_and_match_cpu_float64(monkeypatch):
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis import stir as stir_module
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis import stir as stir_module
+    from peft_ssf_analysis.cka import center_gram
 
     seen = []
     real = stir_module.gram_linear
@@ -886,10 +886,10 @@ def test_analysis_functions_are_short_or_say_why():
     import ast
     from pathlib import Path
 
-    import peft_ssf.analysis
+    import peft_ssf_analysis
 
     long = []
-    for file in sorted(Path(peft_ssf.analysis.__file__).parent.glob("*.py")):
+    for file in sorted(Path(peft_ssf_analysis.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
@@ -928,7 +928,7 @@ def test_example_script_runs_end_to_end_and_reports_noise_floors(tmp_path, small
 
 
 def test_default_names_skip_generic_dir_names(tmp_path):
-    from peft_ssf.analysis.cli import default_name
+    from peft_ssf_analysis.cli import default_name
 
     assert default_name(tmp_path / "demo" / "ssf" / "adapter") == "ssf"
     assert default_name(tmp_path / "demo" / "full" / "model") == "full"
@@ -992,7 +992,7 @@ def test_cli_default_is_the_pretrained_inversions_only_and_says_its_cost_first(t
 def test_progress_counts_the_steps_the_header_states(monkeypatch):
     import importlib
 
-    stir_module = importlib.import_module("peft_ssf.analysis.stir")  # the module, not the function of that name
+    stir_module = importlib.import_module("peft_ssf_analysis.stir")  # the module, not the function of that name
     bars = []
 
     class Recorder:
@@ -1027,3 +1027,39 @@ def test_closeness_plot_leaves_out_the_reference_against_itself(small_report):
     report = small_report[3]
     labels = [line.get_label() for line in report.closeness_figure().axes[0].get_lines()]
     assert report.reference == "near" and "near" not in labels and labels == ["pretrained", "far"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24 item 10: the toolkit is importable without side effects on PEFT.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_importing_the_toolkit_leaves_peft_untouched():
+    import subprocess
+
+    code = """
+import sys
+import peft
+from peft import PeftModel
+from peft.utils import PeftType
+push_to_hub = PeftModel.push_to_hub
+import peft_ssf_analysis
+from peft_ssf_analysis import cka, cli, features, plots, protocol, report, stir
+assert not hasattr(PeftType, "SSF"), "SSF registered"
+assert PeftModel.push_to_hub is push_to_hub, "push_to_hub replaced"
+assert not [m for m in sys.modules if m == "peft_ssf" or m.startswith("peft_ssf.")], "peft_ssf imported"
+import peft_ssf.analysis
+import peft_ssf.analysis.cli
+assert peft_ssf.analysis.cli is cli and peft_ssf.analysis.compare is peft_ssf_analysis.compare
+assert hasattr(PeftType, "SSF")  # the re-export is for users of the tuner: it runs peft_ssf/__init__
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_gpu_check_script_imports_the_toolkit_directly():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "check_analysis_gpu.py").read_text()
+    assert "import peft_ssf_analysis" in text and "ModuleType" not in text and "__path__" not in text

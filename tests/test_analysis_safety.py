@@ -85,7 +85,7 @@ def test_colliding_names_are_refused_before_anything_is_written(models, tmp_path
 
 
 def test_report_save_refuses_colliding_model_names(models, tmp_path):
-    from peft_ssf.analysis import compare
+    from peft_ssf_analysis import compare
 
     x = torch.rand(4, 3, 16, 16)
     report = compare(_tiny_vit(0), {"ssf/x": _tiny_vit(1)}, x, steps=1, layers=["final"], mean=0.5, std=0.5,
@@ -129,14 +129,14 @@ def test_too_few_images_is_one_line_before_any_work(models, tmp_path, capfd, cou
 
 
 def test_compare_refuses_two_images():
-    from peft_ssf.analysis import compare
+    from peft_ssf_analysis import compare
 
     with pytest.raises(ValueError, match="at least 4 images"):
         compare(_tiny_vit(0), _tiny_vit(1), torch.rand(2, 3, 16, 16), steps=1, mean=0.5, std=0.5, progress=False)
 
 
 def test_report_json_is_strict_json_with_null_for_nan(tmp_path):
-    from peft_ssf.analysis import compare
+    from peft_ssf_analysis import compare
 
     report = compare(_tiny_vit(0), {"ft": _tiny_vit(1)}, torch.rand(4, 3, 16, 16), steps=1, layers=["final"],
                      mean=0.5, std=0.5, progress=False)  # fmt: skip
@@ -178,7 +178,7 @@ def test_invalid_numeric_options_are_refused(models, tmp_path, capfd, extra, say
 
 
 def test_library_refuses_nan_step_size_and_tau():
-    from peft_ssf.analysis import compare, invert
+    from peft_ssf_analysis import compare, invert
 
     x = torch.rand(4, 3, 16, 16)
     with pytest.raises(ValueError, match="step_size"):

@@ -12,7 +12,7 @@ The search (one seed per image, so results do not depend on the batch size):
     result   = the iterate x'_t, t >= 1, with the lowest relative loss (so always inside [0, 1])
 
 The model's input normalisation is applied inside the differentiable forward pass (the search runs on raw [0, 1]
-pixels), exactly once; the forward pass stops at layer a (see :class:`~peft_ssf.analysis.features.LayerProbe`).
+pixels), exactly once; the forward pass stops at layer a (see :class:`~peft_ssf_analysis.features.LayerProbe`).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def invert(
 
     Args:
         model: the model to invert (Hugging Face vision model, ``PeftModel``, or a plain module; see
-            :mod:`~peft_ssf.analysis.features` for layer names). Put in eval mode for the search, then restored.
+            :mod:`~peft_ssf_analysis.features` for layer names). Put in eval mode for the search, then restored.
         layer: the layer whose representation is matched.
         images: [n, C, H, W] raw pixels in [0, 1].
         steps: gradient steps per image (500 in the fine-tuning paper, 1000 in STIR).
@@ -156,7 +156,7 @@ def invert(
         progress: show a tqdm bar.
         tokens: token handling of the matched representation.
         mean, std, processor, normalization: the model's input normalisation (see
-            :func:`~peft_ssf.analysis.features.resolve_normalization`); ``normalization`` wins if given.
+            :func:`~peft_ssf_analysis.features.resolve_normalization`); ``normalization`` wins if given.
         check_cut: verify once, on a few images, that the cut forward pass gives the full forward pass's values.
 
     Returns:

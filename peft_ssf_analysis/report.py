@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ._io import atomic_write
 from .cka import cka_from_grams
 from .features import Normalization, TokenMode, _view, layer_names, resolve_normalization, unwrap_model
 from .stir import (
@@ -621,7 +621,7 @@ def _cross_cka(run: _Run, pretrained: str, finetuned: str) -> torch.Tensor:
 
 
 def _noise_floors(run: _Run) -> dict[str, list[float]]:
-    """Per model and layer, CKA(M_l(X), M_l(N)) with N = :func:`~peft_ssf.analysis.stir.noise_images`."""
+    """Per model and layer, CKA(M_l(X), M_l(N)) with N = :func:`~peft_ssf_analysis.stir.noise_images`."""
     noise = noise_images(run.images.shape[1:], run.images.shape[0], run.seed)
     floors = {}
     for name in run.models:
@@ -754,9 +754,9 @@ def compare(
         finetuned: one fine-tuned model (named ``"finetuned"``) or ``{name: model}`` for several (e.g. full
             fine-tuning, SSF, LoRA); same architecture as P. PEFT models may be merged or not.
         images: [n, C, H, W] raw pixels in [0, 1] (the paper: first 500 evaluation images, 224 px).
-        layers: layer names (default: every block and ``"final"``, see :mod:`~peft_ssf.analysis.features`).
+        layers: layer names (default: every block and ``"final"``, see :mod:`~peft_ssf_analysis.features`).
         tokens: ``"flatten"`` (default) | ``"cls"`` | ``"mean"`` for block outputs.
-        steps, step_size, seed, batch_size: inversion settings (see :func:`~peft_ssf.analysis.stir.invert`).
+        steps, step_size, seed, batch_size: inversion settings (see :func:`~peft_ssf_analysis.stir.invert`).
         mean, std, processor: input normalisation, resolved once from P (see ``resolve_normalization``) and
             applied to every model.
         tau: threshold of the ``shallowest_above_tau`` compression summary.

@@ -3,7 +3,7 @@
 Only matplotlib's object API (``matplotlib.figure.Figure``) is used: no pyplot, no global state, no backend
 switching, so plotting from a library call never touches the caller's matplotlib session.
 
-A STIR matrix is read against its noise floor (see :func:`~peft_ssf.analysis.stir.noise_baseline`): the floor of
+A STIR matrix is read against its noise floor (see :func:`~peft_ssf_analysis.stir.noise_baseline`): the floor of
 a cell is the floor of the *evaluated* layer. The heatmap draws it as an extra, labelled row (when the evaluated
 layer runs along the columns, as in R) or column (when it runs along the rows, as in Q and W), and hatches every
 cell that does not rise above the floor of its evaluated layer.

@@ -2,7 +2,7 @@
 
     peft-ssf analyze --pretrained P --finetuned F [F2 ...] --images DIR --out DIR [--protocol cached|faithful]
 
-Protocols (:mod:`~peft_ssf.analysis.protocol`): ``cached`` (default: 64 images, 100 steps, one X' per model and
+Protocols (:mod:`~peft_ssf_analysis.protocol`): ``cached`` (default: 64 images, 100 steps, one X' per model and
 source layer) and ``faithful`` (``--faithful``: the authors' settings, 500 images, 500 steps, fresh noise per STIR
 cell). Explicit ``--n`` / ``--steps`` / ``--step-size`` / ``--size`` / ``--fresh-noise-per-cell`` override the
 protocol and are recorded as overrides in the report.
@@ -115,10 +115,11 @@ def load_model(path: str | Path, base: str | Path | None = None) -> nn.Module:
     """Load a local model dir, or a PEFT adapter dir merged into its base model, in eval mode.
 
     The project's one loader (:func:`peft_ssf.engine.load_model`) does the work; this adds the analysis CLI's
-    error handling (a missing dir or base model is a usage error, exit status 2).
+    error handling (a missing dir or base model is a usage error, exit status 2). It imports ``peft_ssf`` (which
+    registers SSF with PEFT) when called, never at import time of this module.
     """
-    from ..engine import AdapterLoadError
-    from ..engine import load_model as engine_load_model
+    from peft_ssf.engine import AdapterLoadError  # registers SSF with PEFT: needed to load SSF adapters
+    from peft_ssf.engine import load_model as engine_load_model
 
     path = Path(path)
     if not path.is_dir():
@@ -540,7 +541,7 @@ def _cli_settings(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m peft_ssf.analysis.cli``); the ``peft-ssf`` script wires its own."""
+    """Stand-alone entry point (``python -m peft_ssf_analysis.cli``); the ``peft-ssf`` script wires its own."""
     parser = argparse.ArgumentParser(prog="peft-ssf analyze", description=__doc__.splitlines()[0])
     add_analyze_arguments(parser)
     return run_analyze(parser.parse_args(argv))
