@@ -34,10 +34,12 @@ from torch import nn
 from .features import FINAL, LayerProbe, Normalization, _resolve, _view, eval_mode, layer_names, resolve_normalization
 from .protocol import CACHED, FAITHFUL, PROTOCOLS
 from .report import MIN_IMAGES, check_file_stems, check_settings, planned_inversions
+from .stir import _device_of
 
 __all__ = ["add_analyze_arguments", "default_name", "load_images", "load_model", "run_analyze"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+SMALL_MODEL_PARAMS = 20 * 10**6  # below this, one CPU thread is the default (see --threads)
 _SPLIT_PREFERENCE = ("test", "validation", "val", "valid", "eval")
 
 
@@ -46,7 +48,9 @@ class AnalyzeError(Exception):
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``analyze`` options to ``parser`` (a sub-command parser of the ``peft-ssf`` console script)."""
+    """Add the ``analyze`` options to ``parser`` (a sub-command parser of the ``peft-ssf`` console script).
+
+    Long because it is one flat list of options, each with its help text."""
     p = parser
     p.add_argument("--pretrained", required=True, help="local dir of the pretrained model (or a PEFT adapter dir)")
     p.add_argument("--finetuned", required=True, nargs="+", help="local dirs of fine-tuned models or PEFT adapters")
@@ -101,7 +105,12 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--base", help="base model dir for adapters whose base_model_name_or_path is not a local dir")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (small models on a busy CPU: 1 is often fastest)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help=f"torch CPU threads (default on a CPU: 1 for models under {SMALL_MODEL_PARAMS // 10**6}M parameters, "
+        "whose small ops gain nothing from threads and lose up to 10x on a busy machine; else torch's default)",
+    )
     p.add_argument("--no-plots", action="store_true", help="write JSON / CSV only")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -304,11 +313,14 @@ def _unique_names(paths: list[str], names: list[str] | None) -> list[str]:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """Run ``peft-ssf analyze`` with parsed ``args``; returns the process exit code (0 ok, 2 usage error)."""
+    threads = torch.get_num_threads()
     try:
         return _run(args)
     except AnalyzeError as exc:
         print(f"peft-ssf analyze: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # --threads (or its default) holds for this run only
 
 
 def _check_out(args: argparse.Namespace) -> Path:
@@ -389,6 +401,10 @@ def _report_names(args: argparse.Namespace) -> list[str]:
         check_file_stems(["pretrained", *names])
     except ValueError as exc:
         raise AnalyzeError(f"--names: {exc}") from exc
+    if args.reference is not None and args.reference not in ["pretrained", *names]:
+        raise AnalyzeError(
+            f"--reference {args.reference!r} is not one of the report's models {['pretrained', *names]}"
+        )
     return names
 
 
@@ -411,12 +427,12 @@ def _seconds_per_pass(model: nn.Module, layer: str, batch: torch.Tensor, tokens:
     probe = LayerProbe(model, layer, tokens, norm)
     times = []
     with eval_mode(probe.view.model):
-        for _ in range(2):  # the first pass warms up allocators and kernels
+        for _ in range(3):  # the fastest of three: the first warms up allocators and kernels
             x = batch.clone().requires_grad_(True)
             started = time.perf_counter()
             torch.autograd.grad(probe(x).square().sum(), x)
             times.append(time.perf_counter() - started)
-    return times[-1]
+    return min(times[1:])
 
 
 def _cost(models: dict[str, nn.Module], layers: list[str], images: torch.Tensor, protocol: dict[str, Any],
@@ -433,6 +449,7 @@ def _cost(models: dict[str, nn.Module], layers: list[str], images: torch.Tensor,
     blocks = len(_view(pretrained).blocks) or 1
     deepest = FINAL if FINAL in layers else layers[-1]
     seconds = _seconds_per_pass(pretrained, deepest, images[:batch], args.tokens, norm)
+    threads = f", {torch.get_num_threads()} CPU thread(s)" if _device_of(pretrained).type == "cpu" else ""
     match = (re.fullmatch(r"block(\d+)", layers[k]) for _, k in plan)
     depth = sum((int(m.group(1)) + 1) / blocks if m else 1.0 for m in match)  # a cut pass costs its depth
     passes = len(plan) * protocol["steps"] * n_batches
@@ -442,7 +459,7 @@ def _cost(models: dict[str, nn.Module], layers: list[str], images: torch.Tensor,
         f"analyze: {len(plan)} inversions ({sources} model(s) x {len(layers)} layers"
         f"{', one per STIR cell' if protocol['fresh_noise_per_cell'] else ''}) x {protocol['steps']} steps x "
         f"{n} images ({n_batches} batch(es) of {batch}) = {passes} forward+backward passes; about "
-        f"{_duration(estimate)} here ({seconds * 1000:.0f} ms per pass to {deepest!r})"
+        f"{_duration(estimate)} here ({seconds * 1000:.0f} ms per pass to {deepest!r}{threads})"
     )
 
 
@@ -467,6 +484,30 @@ def _describe(protocol: dict[str, Any], images: torch.Tensor, norm: Normalizatio
     )
 
 
+def _load_models(
+    args: argparse.Namespace, names: list[str], device: torch.device
+) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The pretrained and fine-tuned models on ``device``; checks ``--layers`` and picks the default CPU threads."""
+    pretrained = load_model(args.pretrained, args.base).to(device)
+    small = sum(p.numel() for p in pretrained.parameters()) < SMALL_MODEL_PARAMS
+    if args.threads is None and device.type == "cpu" and small:
+        torch.set_num_threads(1)
+    _check_layers(pretrained, args.layers)
+    finetuned = {name: load_model(path, args.base).to(device) for name, path in zip(names, args.finetuned)}
+    return pretrained, finetuned
+
+
+def _load_enough_images(args: argparse.Namespace, protocol: dict[str, Any]) -> torch.Tensor:
+    images = load_images(args.images, protocol["n"], protocol["size"], args.split, args.image_column)
+    try:
+        check_settings(n_images=images.shape[0])
+    except ValueError as exc:
+        raise AnalyzeError(f"{exc}; add images to {args.images}") from exc
+    if images.shape[0] < protocol["n"]:
+        print(f"note: only {images.shape[0]} images available (asked for {protocol['n']})", file=sys.stderr)
+    return images
+
+
 def _run(args: argparse.Namespace) -> int:
     from .report import compare
 
@@ -477,21 +518,13 @@ def _run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     names = _report_names(args)
     started = time.perf_counter()
-    pretrained = load_model(args.pretrained, args.base).to(device)
-    _check_layers(pretrained, args.layers)
-    finetuned = {name: load_model(path, args.base).to(device) for name, path in zip(names, args.finetuned)}
+    pretrained, finetuned = _load_models(args, names, device)
     protocol = _protocol_settings(args, pretrained)
     try:
         norm = resolve_normalization(pretrained, args.mean, args.std)
     except ValueError as exc:
         raise AnalyzeError(str(exc)) from exc
-    images = load_images(args.images, protocol["n"], protocol["size"], args.split, args.image_column)
-    try:
-        check_settings(n_images=images.shape[0])
-    except ValueError as exc:
-        raise AnalyzeError(f"{exc}; add images to {args.images}") from exc
-    if images.shape[0] < protocol["n"]:
-        print(f"note: only {images.shape[0]} images available (asked for {protocol['n']})", file=sys.stderr)
+    images = _load_enough_images(args, protocol)
     layers = list(args.layers) if args.layers else layer_names(pretrained)
     print(_describe(protocol, images, norm, device), file=sys.stderr)
     print(_cost({"pretrained": pretrained, **finetuned}, layers, images, protocol, args, norm), file=sys.stderr)

@@ -1063,3 +1063,25 @@ def test_gpu_check_script_imports_the_toolkit_directly():
 
     text = (Path(__file__).resolve().parents[1] / "examples" / "check_analysis_gpu.py").read_text()
     assert "import peft_ssf_analysis" in text and "ModuleType" not in text and "__path__" not in text
+
+
+def test_cli_runs_small_models_on_one_cpu_thread_and_restores_the_setting(tmp_path, capfd):
+    """Small models lose up to 10x with two threads on a busy CPU (docs/analysis.md): one thread by default."""
+    from peft_ssf_cli import main
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full")
+    _write_images(tmp_path / "imgs", 4, size=(24, 20))
+    argv = ["analyze", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full"), "--images",
+            str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--steps", "1", "--layers", "final", "--mean",
+            "0.5", "--std", "0.5", "--no-plots", "--quiet", "--device", "cpu"]  # fmt: skip
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert "1 CPU thread(s))" in capfd.readouterr().err
+        assert torch.get_num_threads() == 2
+        assert main([*argv, "--overwrite", "--threads", "2"]) == 0
+        assert "2 CPU thread(s))" in capfd.readouterr().err
+    finally:
+        torch.set_num_threads(1)

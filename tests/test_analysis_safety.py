@@ -221,6 +221,7 @@ INVALID = {
     "device bogus": lambda r, t: (["--device", "bogus"], "is not a torch device"),
     "corrupt image": _corrupt_images,
     "out under a file": _out_under_a_file,
+    "reference nope": lambda r, t: (["--reference", "nope"], "--reference 'nope' is not one of"),
     "out is a file": lambda r, t: ((t / "f").write_text("x") and ["--out", str(t / "f")], "not a directory"),
 }
 
