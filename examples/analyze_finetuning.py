@@ -183,10 +183,17 @@ def parse_args() -> argparse.Namespace:
         help="also run the authors' estimator (fresh noise per STIR cell, same n and steps) into OUT/fresh_noise "
         "and print how far its cells are from the cached estimator's",
     )
-    parser.add_argument("--tokens", choices=("flatten", "cls", "mean"), default="flatten",
-                        help="token handling of block outputs (the paper flattens)")
-    parser.add_argument("--unbiased", action="store_true",
-                        help="unbiased CKA (noise floor ~0 at any p / n; the paper's numbers are biased)")
+    parser.add_argument(
+        "--tokens",
+        choices=("flatten", "cls", "mean"),
+        default="flatten",
+        help="token handling of block outputs (the paper flattens)",
+    )
+    parser.add_argument(
+        "--unbiased",
+        action="store_true",
+        help="unbiased CKA (noise floor ~0 at any p / n; the paper's numbers are biased)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if args.pretrained and (not args.finetuned or not args.images):
@@ -228,8 +235,13 @@ def main() -> int:
     started = time.perf_counter()
     pretrained, finetuned, images, extra = models_and_images(args)
     trained = time.perf_counter()
-    settings = dict(steps=args.steps, seed=args.seed, reference="full" if "full" in finetuned else None,
-                    tokens=args.tokens, unbiased=args.unbiased)
+    settings = dict(
+        steps=args.steps,
+        seed=args.seed,
+        reference="full" if "full" in finetuned else None,
+        tokens=args.tokens,
+        unbiased=args.unbiased,
+    )
     report = compare(pretrained, finetuned, images, progress=not args.quiet, **settings, **extra["norm"])
     report.settings["accuracy"] = extra["accuracy"]
     written = report.save(args.out)
