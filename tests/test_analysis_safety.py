@@ -241,3 +241,18 @@ def test_invalid_invocations_are_one_line_exit_2_nothing_written(models, tmp_pat
     err = _one_line_exit_2(capfd, [*argv, *extra])
     assert err.startswith("peft-ssf analyze: error: ") and says in err, err
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_saving_over_an_older_report_without_a_file_list_removes_its_report_files(tmp_path):
+    from peft_ssf_analysis import compare
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.json").write_text('{"layers": ["final"]}')  # written before report.json listed its files
+    for name in ("R_old.png", "W_old.csv", "closeness.png", "notes.txt", "R_old.png.bak"):
+        (out / name).write_text("x")
+    report = compare(_tiny_vit(0), {"new": _tiny_vit(1)}, torch.rand(4, 3, 16, 16), steps=1, layers=["final"],
+                     mean=0.5, std=0.5, progress=False, reverse=False, within=False)  # fmt: skip
+    written = report.save(out, plots=False)
+    left = sorted(p.name for p in out.iterdir())
+    assert left == sorted([p.name for p in written] + ["notes.txt", "R_old.png.bak"])
