@@ -6,7 +6,7 @@ What it does (default, no arguments):
    position with a random shape, so the pretrained backbone has no reason to keep track of position or shape;
 2. fine-tunes it to tell the object's *position* (which quadrant) three ways: full fine-tuning, SSF
    (``peft_ssf``; skipped if the tuner is not importable) and head only (frozen backbone + new linear head);
-3. runs :func:`peft_ssf.analysis.compare` on held-out images and writes report.json, CSVs and heatmaps, with
+3. runs :func:`peft_ssf_analysis.compare` on held-out images and writes report.json, CSVs and heatmaps, with
    every model's per-layer noise floor CKA(M_l(X), M_l(noise)).
 
 With ``--pretrained DIR --finetuned DIR [DIR ...] --images DIR`` it analyses your own local models instead (same
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from peft_ssf.analysis import InvarianceReport, compare
+from peft_ssf_analysis import InvarianceReport, compare
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -183,10 +183,17 @@ def parse_args() -> argparse.Namespace:
         help="also run the authors' estimator (fresh noise per STIR cell, same n and steps) into OUT/fresh_noise "
         "and print how far its cells are from the cached estimator's",
     )
-    parser.add_argument("--tokens", choices=("flatten", "cls", "mean"), default="flatten",
-                        help="token handling of block outputs (the paper flattens)")
-    parser.add_argument("--unbiased", action="store_true",
-                        help="unbiased CKA (noise floor ~0 at any p / n; the paper's numbers are biased)")
+    parser.add_argument(
+        "--tokens",
+        choices=("flatten", "cls", "mean"),
+        default="flatten",
+        help="token handling of block outputs (the paper flattens)",
+    )
+    parser.add_argument(
+        "--unbiased",
+        action="store_true",
+        help="unbiased CKA (noise floor ~0 at any p / n; the paper's numbers are biased)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
     if args.pretrained and (not args.finetuned or not args.images):
@@ -197,7 +204,7 @@ def parse_args() -> argparse.Namespace:
 def models_and_images(args: argparse.Namespace) -> tuple[nn.Module, dict[str, nn.Module], torch.Tensor, dict]:
     """The models and images to analyse, the normalisation to pass (empty: read from the model dir), accuracies."""
     if args.pretrained:
-        from peft_ssf.analysis.cli import load_images, load_model
+        from peft_ssf_analysis.cli import load_images, load_model
 
         pretrained = load_model(args.pretrained)
         finetuned = {Path(p).resolve().name: load_model(p) for p in args.finetuned}
@@ -228,8 +235,13 @@ def main() -> int:
     started = time.perf_counter()
     pretrained, finetuned, images, extra = models_and_images(args)
     trained = time.perf_counter()
-    settings = dict(steps=args.steps, seed=args.seed, reference="full" if "full" in finetuned else None,
-                    tokens=args.tokens, unbiased=args.unbiased)
+    settings = dict(
+        steps=args.steps,
+        seed=args.seed,
+        reference="full" if "full" in finetuned else None,
+        tokens=args.tokens,
+        unbiased=args.unbiased,
+    )
     report = compare(pretrained, finetuned, images, progress=not args.quiet, **settings, **extra["norm"])
     report.settings["accuracy"] = extra["accuracy"]
     written = report.save(args.out)

@@ -19,31 +19,13 @@ images), prints:
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
-import sys
 import time
-import types
-from pathlib import Path
 
 import torch
 from transformers import ViTConfig, ViTModel
 
-
-def load_analysis():
-    """``peft_ssf.analysis``; if the installed peft cannot import the SSF tuner (``peft_ssf/__init__``), the analysis
-    package from this checkout without the tuner (it needs torch, transformers and ``peft_ssf.io`` only)."""
-    try:
-        return importlib.import_module("peft_ssf.analysis")
-    except Exception as exc:  # noqa: BLE001 - any import problem of the tuner package
-        root = Path(__file__).resolve().parents[1] / "peft_ssf"
-        print(f"note: import peft_ssf failed ({type(exc).__name__}: {exc}); loading {root / 'analysis'} alone")
-        for name in [m for m in sys.modules if m == "peft_ssf" or m.startswith("peft_ssf.")]:
-            del sys.modules[name]
-        package = types.ModuleType("peft_ssf")
-        package.__path__ = [str(root)]  # a namespace for the submodules; peft_ssf/__init__.py is not run
-        sys.modules["peft_ssf"] = package
-        return importlib.import_module("peft_ssf.analysis")
+import peft_ssf_analysis  # the toolkit alone: no SSF registration, PEFT stays as it is
 
 
 def build_model(small: bool) -> ViTModel:
@@ -130,7 +112,7 @@ def main() -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: run with --device cpu for a smoke test")
         return 2
-    an = load_analysis()
+    an = peft_ssf_analysis
     model = build_model(args.small).to(device)
     size = model.config.image_size
     images = torch.rand(args.n, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -294,7 +294,7 @@ def _load(command: str):
 
 def _analyze(argv: list[str]) -> int:
     try:
-        from peft_ssf.analysis.cli import add_analyze_arguments, run_analyze
+        from peft_ssf_analysis.cli import add_analyze_arguments, run_analyze
     except ImportError as exc:
         return _missing_extra("analyze", "analysis", exc)
     parser = ArgumentParser(prog=f"{PROG} analyze", description="Invariance report of fine-tuned models against "

@@ -1,4 +1,4 @@
-"""Tests of the invariance analysis toolkit (peft_ssf.analysis): CKA, features, inversion, STIR, report, CLI.
+"""Tests of the invariance analysis toolkit (peft_ssf_analysis): CKA, features, inversion, STIR, report, CLI.
 
 Tiny offline models only; the whole file runs in well under a minute on two CPU cores.
 """
@@ -24,7 +24,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from peft_ssf.analysis import (
+from peft_ssf_analysis import (
     InversionCache,
     MinibatchCKA,
     Normalization,
@@ -40,8 +40,8 @@ from peft_ssf.analysis import (
     stir,
     stir_matrix,
 )
-from peft_ssf.analysis import cka as cka_module
-from peft_ssf.analysis.features import LayerProbe
+from peft_ssf_analysis import cka as cka_module
+from peft_ssf_analysis.features import LayerProbe
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -568,7 +568,7 @@ def _write_images(folder, count: int, size=(20, 12)) -> None:
 
 
 def test_load_images_folder_and_datasets_dir(tmp_path):
-    from peft_ssf.analysis.cli import load_images
+    from peft_ssf_analysis.cli import load_images
 
     _write_images(tmp_path / "imgs" / "test", 10)
     _write_images(tmp_path / "imgs" / "train", 3)
@@ -593,7 +593,7 @@ def test_load_images_folder_and_datasets_dir(tmp_path):
 def test_cli_end_to_end(tmp_path, capsys):
     import argparse
 
-    from peft_ssf.analysis.cli import add_analyze_arguments, run_analyze
+    from peft_ssf_analysis.cli import add_analyze_arguments, run_analyze
 
     pretrained = tiny_vit()
     pretrained.save_pretrained(tmp_path / "pre")
@@ -627,7 +627,7 @@ def test_cli_end_to_end(tmp_path, capsys):
 def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
     ssf_config = _ssf_config()
     peft = pytest.importorskip("peft")
-    from peft_ssf.analysis.cli import load_model
+    from peft_ssf_analysis.cli import load_model
 
     tiny_vit().save_pretrained(tmp_path / "base")
     base = ViTForImageClassification.from_pretrained(tmp_path / "base")
@@ -650,7 +650,7 @@ def test_cli_loads_and_merges_an_ssf_adapter(tmp_path):
 def _analyze_parser():
     import argparse
 
-    from peft_ssf.analysis.cli import add_analyze_arguments
+    from peft_ssf_analysis.cli import add_analyze_arguments
 
     parser = argparse.ArgumentParser()
     add_analyze_arguments(parser)
@@ -658,7 +658,7 @@ def _analyze_parser():
 
 
 def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tmp_path, capsys):
-    from peft_ssf.analysis.cli import run_analyze
+    from peft_ssf_analysis.cli import run_analyze
 
     pretrained = tiny_vit()
     pretrained.save_pretrained(tmp_path / "pre")
@@ -679,20 +679,20 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
     assert settings["estimator"].startswith("fresh noise per cell")
     assert settings["protocol"] == {
         "protocol": "faithful", "n": 5, "steps": 2, "step_size": 0.5, "size": 16, "fresh_noise_per_cell": True,
-        "overrides": {"n": 5, "steps": 2},
+        "reverse": False, "within": False, "overrides": {"n": 5, "steps": 2, "reverse": False, "within": False},
     }  # fmt: skip
     assert settings["faithful"] is False  # overridden settings are not called faithful
-    assert "protocol faithful (overrides: n=5, steps=2)" in capsys.readouterr().err
+    assert "protocol faithful (overrides: n=5, steps=2, reverse=False, within=False)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _analyze_parser().parse_args([*argv, "--protocol", "bogus"])
     assert run_analyze(_analyze_parser().parse_args([*argv, "--overwrite", "--protocol", "cached"])) == 2
 
     # what --faithful sets, and where it says so
-    from peft_ssf.analysis.protocol import FAITHFUL
+    from peft_ssf_analysis.protocol import FAITHFUL
 
     assert FAITHFUL.resolve(None) == {
         "protocol": "faithful", "n": 500, "steps": 500, "step_size": 0.5, "size": 224,
-        "fresh_noise_per_cell": True, "overrides": {},
+        "fresh_noise_per_cell": True, "reverse": True, "within": True, "overrides": {},
     }  # fmt: skip
     assert FAITHFUL.resolve(384)["n"] == 100
     help_text = " ".join(_analyze_parser().format_help().split())
@@ -702,7 +702,7 @@ def test_faithful_protocol_draws_fresh_noise_per_cell_and_states_its_settings(tm
 def test_report_carries_a_per_layer_noise_baseline(small_report, tmp_path):
     pretrained, finetuned, x, report = small_report
     assert set(report.noise_baseline) == {"pretrained", "near", "far"}
-    from peft_ssf.analysis import noise_baseline, noise_images
+    from peft_ssf_analysis import noise_baseline, noise_images
 
     noise = noise_images(x.shape[1:], x.shape[0], seed=0)
     assert float(noise.min()) >= 0.0 and float(noise.max()) <= 1.0
@@ -748,8 +748,8 @@ def test_representations_run_in_eval_mode_and_restore_the_callers_mode():
 
 
 def test_half_precision_features_are_promoted_before_the_gram():
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis.cka import center_gram
 
     model = tiny_vit().to(torch.bfloat16)
     x = images(5)
@@ -815,8 +815,8 @@ def test_summary_prints_nan_for_an_all_nan_row(small_report):
 
 
 def test_representation_grams_on_the_cpu_are_float64_exact():
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis.cka import center_gram
 
     model = tiny_vit()
     x = images(6)
@@ -831,9 +831,9 @@ def test_representation_grams_on_the_cpu_are_float64_exact():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_grams_are_built_on_the_model_device_and_match_cpu_float64(monkeypatch):
-    from peft_ssf.analysis import representation_grams
-    from peft_ssf.analysis import stir as stir_module
-    from peft_ssf.analysis.cka import center_gram
+    from peft_ssf_analysis import representation_grams
+    from peft_ssf_analysis import stir as stir_module
+    from peft_ssf_analysis.cka import center_gram
 
     seen = []
     real = stir_module.gram_linear
@@ -886,10 +886,10 @@ def test_analysis_functions_are_short_or_say_why():
     import ast
     from pathlib import Path
 
-    import peft_ssf.analysis
+    import peft_ssf_analysis
 
     long = []
-    for file in sorted(Path(peft_ssf.analysis.__file__).parent.glob("*.py")):
+    for file in sorted(Path(peft_ssf_analysis.__file__).parent.glob("*.py")):
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 doc = ast.get_docstring(node)
@@ -920,3 +920,168 @@ def test_example_script_runs_end_to_end_and_reports_noise_floors(tmp_path, small
     spec.loader.exec_module(example)
     report = small_report[3]
     assert example.estimator_difference(report, report).count("max 0.000, mean 0.000") == 3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24 item 8: cost of the default run, model names, closeness plot, progress that agrees with the settings.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_default_names_skip_generic_dir_names(tmp_path):
+    from peft_ssf_analysis.cli import default_name
+
+    assert default_name(tmp_path / "demo" / "ssf" / "adapter") == "ssf"
+    assert default_name(tmp_path / "demo" / "full" / "model") == "full"
+    assert default_name(tmp_path / "run7" / "checkpoint-50") == "run7-50"
+    assert default_name(tmp_path / "vit-lora") == "vit-lora"
+    adapter = tmp_path / "model" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/vit-tiny/",
+                                                             "peft_type": "SSF"}))  # fmt: skip
+    assert default_name(adapter) == "vit-tiny+ssf"
+
+
+def test_identical_backbones_share_their_inversions():
+    """A head-only fine-tune computes exactly what the pretrained backbone computes: its inversions are reused."""
+    pretrained = tiny_vit()
+    head_only = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        head_only.classifier.weight.add_(1.0)
+    full = perturbed(pretrained, 0.3, seed=4)
+    x = images(4)
+    report = compare(pretrained, {"head": head_only, "full": full}, x, steps=2, progress=False, **NORM)
+    n_layers = len(report.layers)
+    assert report.inversions_performed == 2 * n_layers  # pretrained and full; head reuses the pretrained ones
+    assert report.settings["shared_inversions"] == {"head": "pretrained"}
+    # same values as without sharing: R(head)[i, j] = STIR(head_j | P_i) = W(P)[j, i] for identical models
+    torch.testing.assert_close(report.R["head"], report.W["pretrained"].T, rtol=0, atol=0)
+    alone = compare(pretrained, {"full": full}, x, steps=2, progress=False, **NORM)
+    torch.testing.assert_close(report.R["full"], alone.R["full"], rtol=0, atol=0)
+    torch.testing.assert_close(report.Q["full"], alone.Q["full"], rtol=0, atol=0)
+
+
+def test_cli_default_is_the_pretrained_inversions_only_and_says_its_cost_first(tmp_path, capfd):
+    from peft_ssf_cli import main
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full" / "model")
+    perturbed(pretrained, 0.1, seed=5).save_pretrained(tmp_path / "ssf" / "merged")
+    _write_images(tmp_path / "imgs", 6, size=(24, 20))
+    argv = [
+        "analyze", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full" / "model"),
+        str(tmp_path / "ssf" / "merged"), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "out"),
+        "--n", "5", "--steps", "3", "--batch-size", "4", "--mean", "0.5", "--std", "0.5", "--no-plots", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    captured = capfd.readouterr()
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["finetuned"] == ["full", "ssf"]  # not "model" / "merged"
+    assert data["inversions"]["performed"] == 3 and data["Q"] == {} and data["W"] == {}  # L = 3 (2 blocks + final)
+    assert data["settings"]["protocol"]["reverse"] is False and data["settings"]["protocol"]["within"] is False
+    cost = "analyze: 3 inversions (1 model(s) x 3 layers) x 3 steps x 5 images (2 batch(es) of 4) = 18 forward"
+    assert cost in captured.err
+    assert (tmp_path / "out" / "R_full.csv").is_file() and (tmp_path / "out" / "R_ssf.csv").is_file()
+    # Q and W on request: every fine-tuned model is inverted too
+    assert main([*argv, "--overwrite", "--reverse", "--within"]) == 0
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["inversions"]["performed"] == 9 and sorted(data["W"]) == ["full", "pretrained", "ssf"]
+    assert "analyze: 9 inversions (3 model(s) x 3 layers)" in capfd.readouterr().err
+
+
+def test_progress_counts_the_steps_the_header_states(monkeypatch):
+    import importlib
+
+    stir_module = importlib.import_module("peft_ssf_analysis.stir")  # the module, not the function of that name
+    bars = []
+
+    class Recorder:
+        def __init__(self, total, desc, enabled, leave=False):
+            self.total, self.count, self.per_batch = total, 0, []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.count += n
+
+        def reset(self, total=None):
+            self.per_batch.append(self.count)
+            self.total, self.count = total, 0
+
+        def set_description(self, desc):
+            pass
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            self.per_batch.append(self.count)
+
+    monkeypatch.setattr(stir_module, "_progress", Recorder)
+    invert(tiny_vit(), "block0", images(6), steps=5, batch_size=4, **NORM)
+    (bar,) = bars
+    assert bar.total == 5 and bar.per_batch == [0, 5, 5]  # 5 steps for images 1-4, then 5 for images 5-6
+
+
+def test_closeness_plot_leaves_out_the_reference_against_itself(small_report):
+    pytest.importorskip("matplotlib")
+    report = small_report[3]
+    labels = [line.get_label() for line in report.closeness_figure().axes[0].get_lines()]
+    assert report.reference == "near" and "near" not in labels and labels == ["pretrained", "far"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Issue 24 item 10: the toolkit is importable without side effects on PEFT.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_importing_the_toolkit_leaves_peft_untouched():
+    import subprocess
+
+    code = """
+import sys
+import peft
+from peft import PeftModel
+from peft.utils import PeftType
+push_to_hub = PeftModel.push_to_hub
+import peft_ssf_analysis
+from peft_ssf_analysis import cka, cli, features, plots, protocol, report, stir
+assert not hasattr(PeftType, "SSF"), "SSF registered"
+assert PeftModel.push_to_hub is push_to_hub, "push_to_hub replaced"
+assert not [m for m in sys.modules if m == "peft_ssf" or m.startswith("peft_ssf.")], "peft_ssf imported"
+import peft_ssf.analysis
+import peft_ssf.analysis.cli
+assert peft_ssf.analysis.cli is cli and peft_ssf.analysis.compare is peft_ssf_analysis.compare
+assert hasattr(PeftType, "SSF")  # the re-export is for users of the tuner: it runs peft_ssf/__init__
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_gpu_check_script_imports_the_toolkit_directly():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "examples" / "check_analysis_gpu.py").read_text()
+    assert "import peft_ssf_analysis" in text and "ModuleType" not in text and "__path__" not in text
+
+
+def test_cli_runs_small_models_on_one_cpu_thread_and_restores_the_setting(tmp_path, capfd):
+    """Small models lose up to 10x with two threads on a busy CPU (docs/analysis.md): one thread by default."""
+    from peft_ssf_cli import main
+
+    pretrained = tiny_vit()
+    pretrained.save_pretrained(tmp_path / "pre")
+    perturbed(pretrained, 0.3, seed=4).save_pretrained(tmp_path / "full")
+    _write_images(tmp_path / "imgs", 4, size=(24, 20))
+    argv = ["analyze", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "full"), "--images",
+            str(tmp_path / "imgs"), "--out", str(tmp_path / "out"), "--steps", "1", "--layers", "final", "--mean",
+            "0.5", "--std", "0.5", "--no-plots", "--quiet", "--device", "cpu"]  # fmt: skip
+    torch.set_num_threads(2)
+    try:
+        assert main(argv) == 0
+        assert "1 CPU thread(s))" in capfd.readouterr().err
+        assert torch.get_num_threads() == 2
+        assert main([*argv, "--overwrite", "--threads", "2"]) == 0
+        assert "2 CPU thread(s))" in capfd.readouterr().err
+    finally:
+        torch.set_num_threads(1)

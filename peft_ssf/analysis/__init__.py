@@ -1,75 +1,23 @@
-"""Invariance analysis of fine-tuning: linear CKA, identically-represented inputs, STIR and full reports.
+"""``peft_ssf.analysis``: the invariance toolkit under its old name, for code that also uses the SSF tuner.
 
-Implements the metrics of Merlin et al. (CoLLAs 2023) / Nanda et al. (ICML 2022, STIR) and the per-layer
-feature-similarity comparison of the SSF paper, for Hugging Face ViT-family, Swin and ConvNeXt models (plain, or
-wrapped in a ``PeftModel``, merged or not). Depends on torch and model outputs only; it does not use the SSF tuner.
-
-Quick start::
-
-    from peft_ssf.analysis import compare
-    report = compare(pretrained, {"full": full_ft, "ssf": ssf_model}, images01, steps=100)
-    print(report.summary())
-    report.save("invariance_report")          # JSON, CSV and heatmaps, each with its per-layer noise floor
-
-See docs/analysis.md for the definitions and how to read the heatmaps.
+The toolkit lives in the top-level package :mod:`peft_ssf_analysis`, which imports neither ``peft_ssf`` nor PEFT's
+tuner registry: ``import peft_ssf_analysis`` leaves PEFT as it is. Importing *this* package runs
+``peft_ssf/__init__`` first (it registers SSF with PEFT and installs the SSF model-card ``push_to_hub``), which is
+what a user of the tuner wants anyway. Its submodules (``peft_ssf.analysis.cli``, ``.stir``, ...) are the very same
+module objects as ``peft_ssf_analysis.cli``, ``.stir``, ..., so patching one patches the other.
 """
 
-from .cka import MinibatchCKA, center_gram, cka_from_grams, gram_linear, linear_cka
-from .features import (
-    FINAL,
-    LayerProbe,
-    Normalization,
-    TokenMode,
-    eval_mode,
-    forward_to_layer,
-    layer_names,
-    layer_representations,
-    resolve_normalization,
-    unwrap_model,
-)
-from .protocol import PROTOCOLS, Protocol
-from .report import InvarianceReport, compare
-from .stir import (
-    InversionCache,
-    InversionResult,
-    image_seed,
-    invert,
-    model_fingerprint,
-    noise_baseline,
-    noise_images,
-    representation_grams,
-    stir,
-    stir_matrix,
-)
+from __future__ import annotations
 
-__all__ = [
-    "FINAL",
-    "InvarianceReport",
-    "InversionCache",
-    "InversionResult",
-    "LayerProbe",
-    "MinibatchCKA",
-    "Normalization",
-    "PROTOCOLS",
-    "Protocol",
-    "TokenMode",
-    "center_gram",
-    "cka_from_grams",
-    "compare",
-    "eval_mode",
-    "forward_to_layer",
-    "gram_linear",
-    "image_seed",
-    "invert",
-    "layer_names",
-    "layer_representations",
-    "linear_cka",
-    "model_fingerprint",
-    "noise_baseline",
-    "noise_images",
-    "representation_grams",
-    "resolve_normalization",
-    "stir",
-    "stir_matrix",
-    "unwrap_model",
-]
+import importlib
+import sys
+
+import peft_ssf_analysis
+from peft_ssf_analysis import *  # noqa: F403
+from peft_ssf_analysis import __all__  # noqa: F401
+
+for _name in peft_ssf_analysis.SUBMODULES:
+    _module = importlib.import_module(f"peft_ssf_analysis.{_name}")
+    sys.modules[f"{__name__}.{_name}"] = _module
+    globals().setdefault(_name, _module)  # as in peft_ssf_analysis, the function stir() keeps its name
+del _name, _module

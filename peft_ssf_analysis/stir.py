@@ -12,7 +12,7 @@ The search (one seed per image, so results do not depend on the batch size):
     result   = the iterate x'_t, t >= 1, with the lowest relative loss (so always inside [0, 1])
 
 The model's input normalisation is applied inside the differentiable forward pass (the search runs on raw [0, 1]
-pixels), exactly once; the forward pass stops at layer a (see :class:`~peft_ssf.analysis.features.LayerProbe`).
+pixels), exactly once; the forward pass stops at layer a (see :class:`~peft_ssf_analysis.features.LayerProbe`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,12 @@ class _NoProgress:
     def update(self, n: int = 1) -> None:
         pass
 
+    def reset(self, total: int | None = None) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
     def set_postfix_str(self, s: str) -> None:
         pass
 
@@ -140,7 +146,7 @@ def invert(
 
     Args:
         model: the model to invert (Hugging Face vision model, ``PeftModel``, or a plain module; see
-            :mod:`~peft_ssf.analysis.features` for layer names). Put in eval mode for the search, then restored.
+            :mod:`~peft_ssf_analysis.features` for layer names). Put in eval mode for the search, then restored.
         layer: the layer whose representation is matched.
         images: [n, C, H, W] raw pixels in [0, 1].
         steps: gradient steps per image (500 in the fine-tuning paper, 1000 in STIR).
@@ -150,7 +156,7 @@ def invert(
         progress: show a tqdm bar.
         tokens: token handling of the matched representation.
         mean, std, processor, normalization: the model's input normalisation (see
-            :func:`~peft_ssf.analysis.features.resolve_normalization`); ``normalization`` wins if given.
+            :func:`~peft_ssf_analysis.features.resolve_normalization`); ``normalization`` wins if given.
         check_cut: verify once, on a few images, that the cut forward pass gives the full forward pass's values.
 
     Returns:
@@ -158,6 +164,10 @@ def invert(
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if not (math.isfinite(step_size) and step_size > 0):
+        raise ValueError(f"step_size must be a finite number > 0, got {step_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     _check_images(images)
     norm = normalization or resolve_normalization(model, mean, std, processor)
     probe = LayerProbe(model, layer, tokens, norm)
@@ -167,12 +177,15 @@ def invert(
     out_loss = torch.empty(n, dtype=torch.float64)
     out_start = torch.empty(n, dtype=torch.float64)
     n_batches = math.ceil(n / batch_size)
-    bar = _progress(steps * n_batches, f"invert {layer}", progress)
+    bar = _progress(steps, f"invert {layer}", progress)  # counts steps, as the settings state them, per batch
     with eval_mode(probe.view.model):
         if check_cut:
             _check_cut(probe, images[: min(n, 4)].to(device, torch.float32))
         for start in range(0, n, batch_size):
             stop = min(start + batch_size, n)
+            if n_batches > 1:
+                bar.reset(total=steps)
+                bar.set_description(f"invert {layer} (images {start + 1}-{stop} of {n})")
             clean = images[start:stop].to(device, torch.float32)
             noise = start_noise(images.shape[1:], seed, range(start, stop)).to(device)
             x, loss, start_loss = _search(probe, clean, noise, steps, step_size, bar)

@@ -46,9 +46,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import atomic_write
+from ._io import atomic_write
 from .cka import cka_from_grams
-from .features import Normalization, TokenMode, layer_names, resolve_normalization
+from .features import Normalization, TokenMode, _view, layer_names, resolve_normalization, unwrap_model
 from .stir import (
     InversionCache,
     InversionResult,
@@ -59,13 +59,27 @@ from .stir import (
     representation_grams,
 )
 
-__all__ = ["InvarianceReport", "compare"]
+__all__ = [
+    "MIN_IMAGES",
+    "InvarianceReport",
+    "check_file_stems",
+    "check_settings",
+    "compare",
+    "identical_models",
+    "planned_inversions",
+    "strict_json",
+]
 
 _PLOT_HINT = "plotting the invariance report needs matplotlib: pip install peft-ssf[plot] (or pip install matplotlib)"
 NOISE_BASELINE_DEFINITION = (
     "CKA(M_l(X), M_l(N)) per model M and layer l; N = the inversion's starting noise (standard normal, one seed per "
     "image) clamped to [0, 1]: the STIR value of an X' that carries no information about X"
 )
+NULL_MEANING = (
+    "null marks a value that is not defined (NaN in the computation), e.g. the CKA of a representation that is "
+    "constant over the images; report.json is strict JSON and holds no NaN or Infinity tokens"
+)
+MIN_IMAGES = 4  # centred Grams of n images have rank n - 1: n = 2 makes every CKA 1; the unbiased HSIC needs n > 3
 _ESTIMATORS = {
     False: "cached: one X' per (model, source layer), reused for every evaluated layer",
     True: "fresh noise per cell: a new inversion, from new starting noise, for every STIR cell",
@@ -165,7 +179,7 @@ class InvarianceReport:
         return self.noise_baseline[evaluated[0]], evaluated[1]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dictionary (NaN becomes None)."""
+        """JSON-ready dictionary (NaN becomes None, written as null; see ``NULL_MEANING``)."""
         return {
             "layers": self.layers,
             "pretrained": self.pretrained,
@@ -191,6 +205,7 @@ class InvarianceReport:
             },
             "settings": self.settings,
             "elapsed_s": self.elapsed_s,
+            "null": NULL_MEANING,
         }
 
     def summary(self) -> str:
@@ -225,30 +240,55 @@ class InvarianceReport:
         Every file is written to a temporary file in ``out_dir`` first and then moved into place with
         ``os.replace``, so a reader never sees a half-written file. ``plots=None`` plots when matplotlib is
         installed, ``True`` requires it (ImportError naming ``pip install peft-ssf[plot]``), ``False`` skips plots.
-        Returns the written paths.
+        Model names whose file stems collide (``ssf/x`` and ``ssf_x``) are refused before anything is written.
+        After the new files are in place, the files of a previous report in ``out_dir`` that the new one does not
+        write (its ``report.json`` lists them under ``files``) are removed, so nothing stale stays beside the new
+        report; other files are left alone. Returns the written paths (one per file, no duplicates).
         """
+        check_file_stems(self.models)
         if plots is None:
             plots = _has_matplotlib()
         if plots:
             _require_matplotlib()
         out = Path(out_dir)
+        names = [*self._text_names(), *(self._plot_names() if plots else [])]
+        previous = _previous_report_files(out)
         out.mkdir(parents=True, exist_ok=True)
-        written = [atomic_write(out / name, text) for name, text in self._text_files().items()]
+        written = [atomic_write(out / name, text) for name, text in self._text_files(names).items()]
         if plots:
             written.extend(self._plot(out))
+        for name in sorted(previous - set(names)):
+            stale = out / name
+            if stale.is_file() and not stale.is_symlink():
+                stale.unlink()
         return written
 
-    def _text_files(self) -> dict[str, str]:
-        """File name -> content of report.json and every CSV."""
-        files = {"report.json": json.dumps(self.to_dict(), indent=2) + "\n"}
-        for kind, mats, corner in (
+    def _matrix_files(self) -> list[tuple[str, str, dict[str, torch.Tensor], str]]:
+        """(kind, model name, matrices, CSV corner label) per matrix file."""
+        kinds = (
             ("R", self.R, "pretrained_source\\finetuned_eval"),
             ("Q", self.Q, "pretrained_eval\\finetuned_source"),
             ("C", self.C, "pretrained\\finetuned"),
             ("W", self.W, "eval\\source"),
-        ):
-            for name, m in mats.items():
-                files[f"{kind}_{_safe(name)}.csv"] = _matrix_csv(m, self.layers, corner)
+        )
+        return [(kind, name, mats, corner) for kind, mats, corner in kinds for name in mats]
+
+    def _text_names(self) -> list[str]:
+        names = ["report.json", *(f"{kind}_{_safe(name)}.csv" for kind, name, _, _ in self._matrix_files())]
+        names += ["retention.csv", f"compression_tau{self.tau:g}.csv", "closeness.csv"]
+        names += ["noise_baseline.csv"] if self.noise_baseline else []
+        return [*names, "similarity.csv", "inversions.csv"]
+
+    def _plot_names(self) -> list[str]:
+        names = [f"{kind}_{_safe(name)}.png" for kind, name, _, _ in self._matrix_files()]
+        return [*names, *(["retention.png"] if self.finetuned else []), "closeness.png"]
+
+    def _text_files(self, names: Sequence[str] = ()) -> dict[str, str]:
+        """File name -> content of report.json (listing ``names``, every file of the report) and every CSV."""
+        data = {**self.to_dict(), "files": list(names)}
+        files = {"report.json": json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n"}
+        for kind, name, mats, corner in self._matrix_files():
+            files[f"{kind}_{_safe(name)}.csv"] = _matrix_csv(mats[name], self.layers, corner)
         files["retention.csv"] = _per_layer_csv("layer", self.layers, self.retention(), self.finetuned)
         comp = self.compression()
         comp_header = ["model", *comp[self.finetuned[0]][0].keys()] if self.finetuned else ["model"]
@@ -293,20 +333,25 @@ class InvarianceReport:
         floor, axis = self.floor(kind, name)
         return heatmap(matrix, self.layers, title, ylabel, xlabel, floor=floor, floor_axis=axis)
 
+    def closeness_figure(self) -> Any:
+        """Per-layer CKA of every model to the reference on clean images (the reference itself, 1.0, is left out)."""
+        from .plots import lines
+
+        others = {name: v for name, v in self.closeness().items() if name != self.reference}
+        return lines(self.layers, others, f"CKA to {self.reference} per layer (clean images)", "linear CKA")
+
     def _plot(self, out: Path) -> list[Path]:
         from .plots import lines
 
         written = []
-        for kind, mats in (("R", self.R), ("Q", self.Q), ("C", self.C), ("W", self.W)):
-            for name in mats:
-                written.append(_save_figure(self.figure(kind, name), out / f"{kind}_{_safe(name)}.png"))
+        for kind, name, _, _ in self._matrix_files():
+            written.append(_save_figure(self.figure(kind, name), out / f"{kind}_{_safe(name)}.png"))
         if self.finetuned:
             floors = {f: self.noise_baseline[f] for f in self.finetuned if f in self.noise_baseline}
             title = "retention of pretrained invariance: R[i, i] (dashed: noise floor)"
             fig = lines(self.layers, self.retention(), title, "retention", floors=floors)
             written.append(_save_figure(fig, out / "retention.png"))
-        fig = lines(self.layers, self.closeness(), f"CKA to {self.reference} per layer (clean images)", "linear CKA")
-        written.append(_save_figure(fig, out / "closeness.png"))
+        written.append(_save_figure(self.closeness_figure(), out / "closeness.png"))
         return written
 
 
@@ -317,7 +362,56 @@ def _fmt(value: Any) -> Any:
 
 
 def _safe(name: str) -> str:
+    """The file stem of a model name in the report's file names."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "model"
+
+
+def check_file_stems(names: Sequence[str]) -> None:
+    """Refuse model names that would share report files (same stem after sanitising, ignoring case).
+
+    Raises:
+        ValueError: naming the colliding names and their common stem.
+    """
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = _safe(name).casefold()
+        if stem in seen:
+            raise ValueError(
+                f"model names {seen[stem]!r} and {name!r} would write the same report files ({_safe(name)}.csv, "
+                "ignoring case); give them names that differ in letters, digits, '_', '.' or '-'"
+            )
+        seen[stem] = name
+
+
+_REPORT_FILE = re.compile(
+    r"^(report\.json|[RQCW]_[A-Za-z0-9_.-]+\.(csv|png)|(retention|closeness)\.(csv|png)|compression_tau[^/]*\.csv"
+    r"|noise_baseline\.csv|similarity\.csv|inversions\.csv)$"
+)
+
+
+def _previous_report_files(out: Path) -> set[str]:
+    """Names of the files a previous report in ``out`` wrote: its report.json's ``files`` list, or (for a report
+    written before that list existed) the files whose names only a report writes."""
+    try:
+        listed = json.loads((out / "report.json").read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return set()
+    if isinstance(listed, list) and all(isinstance(v, str) for v in listed):
+        names = set(listed)
+    else:
+        names = {p.name for p in out.iterdir() if p.is_file()}
+    return {name for name in names if _REPORT_FILE.match(name) and name == Path(name).name}
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by None, so that it is valid strict JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def _table_csv(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> str:
@@ -385,6 +479,30 @@ def _cells(pretrained: str, finetuned: Sequence[str], n_layers: int, reverse: bo
     return cells
 
 
+def check_settings(
+    *, n_images: int | None = None, steps: Any = None, step_size: Any = None, batch_size: Any = None, tau: Any = None
+) -> None:
+    """Refuse settings that would give a meaningless report (checked before any work; None = not given).
+
+    Raises:
+        ValueError: naming the setting, the value and what is allowed.
+    """
+    if n_images is not None and n_images < MIN_IMAGES:
+        raise ValueError(
+            f"the analysis needs at least {MIN_IMAGES} images, got {n_images}: the centred Gram of n images has "
+            "rank n - 1 (with 2 images every CKA is 1) and the unbiased HSIC needs n > 3"
+        )
+    for name, value in (("steps", steps), ("batch_size", batch_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if step_size is not None and not (
+        isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0
+    ):
+        raise ValueError(f"step_size must be a finite number > 0 (the L2 length of a pixel step), got {step_size!r}")
+    if tau is not None and not (isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0):
+        raise ValueError(f"tau must be a CKA threshold in [0, 1], got {tau!r}")
+
+
 def _cell_seed(seed: int, cell: _Cell) -> int:
     text = f"{seed}/{cell.matrix}/{cell.key}/{cell.row}/{cell.col}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:7], "big")
@@ -428,6 +546,63 @@ def _named_models(
     return models
 
 
+# Config entries that only concern the classification head or bookkeeping, not the analysed backbone's function.
+_HEAD_KEYS = frozenset(
+    {"id2label", "label2id", "num_labels", "_name_or_path", "architectures", "problem_type", "finetuning_task",
+     "transformers_version", "dtype", "torch_dtype"}
+)  # fmt: skip
+
+
+def _analysed_part(model: nn.Module) -> tuple[Any, ...]:
+    """What decides a model's representations at every analysed layer: module types, config, weights, buffers."""
+    view = _view(model)
+    config = getattr(view.model, "config", None)
+    config = {k: v for k, v in config.to_dict().items() if k not in _HEAD_KEYS} if config is not None else None
+    return [type(m) for m in view.backbone.modules()], config, view.backbone.state_dict()
+
+
+def _same_function(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    if a[0] != b[0] or a[1] != b[1] or a[2].keys() != b[2].keys():
+        return False
+    pairs = ((a[2][k], b[2][k]) for k in a[2])
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and x.device == y.device and torch.equal(x, y) for x, y in pairs
+    )
+
+
+def identical_models(models: Mapping[str, nn.Module]) -> dict[str, str]:
+    """``name -> name`` of the first model (in order) whose analysed part computes exactly what this one computes.
+
+    Two models are identical here when their backbones (the part every analysed layer reads; the classification
+    head is never used) have the same module types, the same config apart from label entries and equal weights and
+    buffers, e.g. a head-only fine-tune and its pretrained model. Their inversions are equal to the last bit, so
+    :func:`compare` runs them once. PEFT-wrapped models are never merged with another (adapter state such as
+    disabled adapters lives outside the weights); the ``peft-ssf analyze`` command merges adapters on load.
+    """
+    parts = {name: None if unwrap_model(m) is not m else _analysed_part(m) for name, m in models.items()}
+    alias: dict[str, str] = {}
+    for name, part in parts.items():
+        same = (other for other in alias if alias[other] == other and part is not None and parts[other] is not None)
+        alias[name] = next((other for other in same if _same_function(parts[other], part)), name)
+    return alias
+
+
+def planned_inversions(
+    models: Mapping[str, nn.Module], n_layers: int, *, reverse: bool, within: bool, fresh_noise_per_cell: bool
+) -> list[tuple[str, int]]:
+    """The (model name, source layer index) of every inversion :func:`compare` will run, in order.
+
+    Cached: one per distinct source (identical models share theirs, see :func:`identical_models`); fresh noise per
+    cell: one per STIR cell. Used to say what a run costs before it starts.
+    """
+    names = list(models)
+    cells = _cells(names[0], names[1:], n_layers, reverse, within)
+    if fresh_noise_per_cell:
+        return [c.source for c in cells]
+    alias = identical_models(models)
+    return list(dict.fromkeys((alias[name], layer) for name, layer in (c.source for c in cells)))
+
+
 def _similarity(run: _Run) -> torch.Tensor:
     """[L, M, M] CKA between every pair of models at every layer, on the clean images."""
     names = list(run.models)
@@ -446,7 +621,7 @@ def _cross_cka(run: _Run, pretrained: str, finetuned: str) -> torch.Tensor:
 
 
 def _noise_floors(run: _Run) -> dict[str, list[float]]:
-    """Per model and layer, CKA(M_l(X), M_l(N)) with N = :func:`~peft_ssf.analysis.stir.noise_images`."""
+    """Per model and layer, CKA(M_l(X), M_l(N)) with N = :func:`~peft_ssf_analysis.stir.noise_images`."""
     noise = noise_images(run.images.shape[1:], run.images.shape[0], run.seed)
     floors = {}
     for name in run.models:
@@ -473,19 +648,21 @@ def _stir_cached(run: _Run, cells: Sequence[_Cell]) -> tuple[dict[tuple[str, str
     for cell in cells:
         by_source[cell.source].append(cell)
     cache = InversionCache()
-    bar = _progress(len(by_source), "inversions", run.progress, leave=True)
+    alias = identical_models(run.models)  # identical models share one inversion per source layer
+    bar = _progress(len({(alias[m], layer) for m, layer in by_source}), "inversions", run.progress, leave=True)
     for (src_name, src_layer), group in by_source.items():
-        model = run.models[src_name]
+        before = cache.performed
         result = cache.invert(
-            model, run.layers[src_layer], run.images, seed=run.seed, progress=run.progress, **run.inversion
-        )
+            run.models[alias[src_name]], run.layers[src_layer], run.images, seed=run.seed, progress=run.progress,
+            **run.inversion,
+        )  # fmt: skip
         losses[(src_name, src_layer)].append(result)
         for eval_name in dict.fromkeys(c.target[0] for c in group):
             grams = run.evaluate(eval_name, result.inputs, run.layers)
             for cell in (c for c in group if c.target[0] == eval_name):
                 layer = run.layers[cell.target[1]]
                 mats[(cell.matrix, cell.key)][cell.row, cell.col] = run.cka(eval_name, layer, grams[layer])
-        bar.update(1)
+        bar.update(cache.performed - before)
     bar.close()
     return mats, losses, cache.performed
 
@@ -577,9 +754,9 @@ def compare(
         finetuned: one fine-tuned model (named ``"finetuned"``) or ``{name: model}`` for several (e.g. full
             fine-tuning, SSF, LoRA); same architecture as P. PEFT models may be merged or not.
         images: [n, C, H, W] raw pixels in [0, 1] (the paper: first 500 evaluation images, 224 px).
-        layers: layer names (default: every block and ``"final"``, see :mod:`~peft_ssf.analysis.features`).
+        layers: layer names (default: every block and ``"final"``, see :mod:`~peft_ssf_analysis.features`).
         tokens: ``"flatten"`` (default) | ``"cls"`` | ``"mean"`` for block outputs.
-        steps, step_size, seed, batch_size: inversion settings (see :func:`~peft_ssf.analysis.stir.invert`).
+        steps, step_size, seed, batch_size: inversion settings (see :func:`~peft_ssf_analysis.stir.invert`).
         mean, std, processor: input normalisation, resolved once from P (see ``resolve_normalization``) and
             applied to every model.
         tau: threshold of the ``shallowest_above_tau`` compression summary.
@@ -598,6 +775,7 @@ def compare(
     """
     started = time.perf_counter()
     _check_images(images)
+    check_settings(n_images=images.shape[0], steps=steps, step_size=step_size, batch_size=batch_size, tau=tau)
     models = _named_models(pretrained, finetuned, pretrained_name)
     ft_names = list(models)[1:]
     layers = list(layers) if layers is not None else layer_names(pretrained)
@@ -623,6 +801,8 @@ def compare(
     cells = _cells(pretrained_name, ft_names, len(layers), reverse, within)
     mats, losses, performed = (_stir_fresh if fresh_noise_per_cell else _stir_cached)(run, cells)
     flags = {"reverse": reverse, "within": within, "fresh_noise_per_cell": fresh_noise_per_cell}
+    if not fresh_noise_per_cell:
+        flags["shared_inversions"] = {k: v for k, v in identical_models(models).items() if k != v}
     return InvarianceReport(
         layers=layers,
         pretrained=pretrained_name,

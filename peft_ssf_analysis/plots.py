@@ -3,7 +3,7 @@
 Only matplotlib's object API (``matplotlib.figure.Figure``) is used: no pyplot, no global state, no backend
 switching, so plotting from a library call never touches the caller's matplotlib session.
 
-A STIR matrix is read against its noise floor (see :func:`~peft_ssf.analysis.stir.noise_baseline`): the floor of
+A STIR matrix is read against its noise floor (see :func:`~peft_ssf_analysis.stir.noise_baseline`): the floor of
 a cell is the floor of the *evaluated* layer. The heatmap draws it as an extra, labelled row (when the evaluated
 layer runs along the columns, as in R) or column (when it runs along the rows, as in Q and W), and hatches every
 cell that does not rise above the floor of its evaluated layer.
@@ -111,6 +111,7 @@ def lines(
     floors = floors or {}
     values_shown: list[float] = []
     for name, values in series.items():
+        values = [math.nan if v is None else float(v) for v in values]
         (line,) = ax.plot(range(len(layers)), values, marker="o", label=name)
         values_shown += list(values)
         if name in floors:
@@ -118,7 +119,7 @@ def lines(
             ax.plot(range(len(layers)), floor, ls="--", color=line.get_color(), label=f"{name}: {FLOOR_LABEL}")
             values_shown += floor
     ax.set_xticks(range(len(layers)), labels=list(layers), rotation=45)
-    ax.set_ylim(min(0.0, *(v for v in values_shown if not math.isnan(v))) - 0.02, 1.02)
+    ax.set_ylim(min([0.0, *(v for v in values_shown if not math.isnan(v))]) - 0.02, 1.02)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
