@@ -88,8 +88,8 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 }
 #: per class: (train, validation, test)
 TASKS: dict[str, dict[str, Any]] = {
-    "sentiment3": {"classes": ("negative", "neutral", "positive"), "sizes": (1000, 250, 1000)},
-    "polarity": {"classes": ("negative", "positive"), "sizes": (1000, 250, 1000)},
+    "sentiment3": {"classes": ("negative", "neutral", "positive"), "sizes": (800, 250, 1000)},
+    "polarity": {"classes": ("negative", "positive"), "sizes": (800, 250, 1000)},
 }
 QUICK_SIZES = (8, 4, 4)
 SSF_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.(dense|LayerNorm)"
