@@ -6,6 +6,8 @@ source file, committed next to the numbers it was rendered from:
 * ``performance``: targets + training-cost summary, rendered from ``benchmarks/results/*.json`` (the whole set also
   goes to ``benchmarks/results/README_performance.md``);
 * ``param_counts``: ``benchmarks/results/param_counts.md`` (``python -m benchmarks.param_counts``);
+* ``decoder_cost``: ``benchmarks/results/decoder_cost.md`` (``python -m benchmarks.decoder_cost``), followed by
+  ``decoder_cost_cuda.md`` when a GPU run (``--device cuda``) has been committed;
 * ``demo``: ``benchmarks/results/demo.md``, the table a full ``make demo`` run wrote. ``--demo DIR`` first copies
   ``DIR/results.md`` there (``make docs`` passes ``ssf-demo-output`` when it exists); a ``--quick`` demo is refused.
 
@@ -71,6 +73,9 @@ def blocks() -> dict[str, str]:
     return {
         "performance": C.readme_performance_block(C.RESULTS_DIR),
         "param_counts": _source(C.RESULTS_DIR / "param_counts.md"),
+        "decoder_cost": "\n\n".join(_source(p) for p in (C.RESULTS_DIR / "decoder_cost.md",
+                                                          C.RESULTS_DIR / "decoder_cost_cuda.md")
+                                     if p.name == "decoder_cost.md" or p.is_file()),
         "demo": _source(DEMO_RESULTS),
     }
 
