@@ -276,6 +276,8 @@ class SSFLayer(BaseTunerLayer):
         base = self.get_base_layer()
         for pname in new_params:
             param = getattr(base, pname)
+            if param is None:  # a bias the merge creates (bias_free_sites="add_bias"): unmerge removes it again
+                continue
             if pname not in copies and (_restores_by_copy(param) or (pname == "weight" and self.merge_keeps_weight)):
                 copies[pname] = param.detach().clone()
 
@@ -625,11 +627,9 @@ def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
     which passes a bf16 input to ``layer_norm`` unchanged), outside compilation: its parameter gradients are computed
     by ``ops.folded_layer_norm``. The CPU LayerNorm backward accumulates them in half precision: about 2% off over a
     few hundred tokens, and up to a third off over the 25,000 tokens of a Swin-B stage at batch 8 (measured against
-    float64). CUDA autocast runs ``layer_norm`` in float32 and is left to it."""
-    weight, bias = base.weight, getattr(base, "bias", None)
-    if weight is None or weight.requires_grad or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if bias is not None and bias.requires_grad:  # a trainable bias (BitFit-style) needs the norm's own gradient
+    float64). CUDA autocast runs ``layer_norm`` in float32 and is left to it. A trainable norm weight or bias
+    (BitFit-style) gets its gradient from the same float32 sums."""
+    if base.weight is None or x.dtype not in (torch.bfloat16, torch.float16):
         return False
     if torch.compiler.is_compiling():
         return False

@@ -35,18 +35,30 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.reshape(shape)
 
 
+_INPLACE_ERROR = (
+    "SSF: the output of an SSF site (or its input) was modified in place after the forward pass, e.g. by "
+    "ReLU(inplace=True) right after a targeted layer; the fused training op needs it for the scale gradient. "
+)
+
+
 def _saved(ctx: Any) -> tuple:
-    """``ctx.saved_tensors``, with autograd's in-place error turned into one that names SSF and the fix."""
+    """``ctx.saved_tensors``, with autograd's in-place error turned into one that names SSF and the fix.
+
+    Under saved-tensor hooks (activation checkpointing recomputes the forward, ``save_on_cpu`` copies) autograd does
+    not check versions, so an op that saved its output records the output's version (``ctx.out_version``) and
+    compares it here: a recomputed output changed in place by the recomputed forward is refused too. A copy made when
+    the output was saved starts again at version 0 and holds the value as saved, which is what backward needs.
+    """
     try:
-        return ctx.saved_tensors
+        saved = ctx.saved_tensors
     except RuntimeError as exc:
         if "inplace" not in str(exc) and "in-place" not in str(exc):
             raise
-        raise RuntimeError(
-            f"SSF: the output of an SSF site (or its input) was modified in place after the forward pass, e.g. by "
-            f"ReLU(inplace=True) right after a targeted layer; the fused training op needs it for the scale "
-            f"gradient. {INPLACE_HINT}"
-        ) from exc
+        raise RuntimeError(_INPLACE_ERROR + INPLACE_HINT) from exc
+    version = getattr(ctx, "out_version", None)
+    if version is not None and saved[0] is not None and saved[0]._version > version:
+        raise RuntimeError(_INPLACE_ERROR + INPLACE_HINT)
+    return saved
 
 
 def _refuse_higher_order() -> None:
@@ -126,6 +138,7 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
             ctx.save_for_backward(scale, shift)
         else:
             ctx.save_for_backward(y, scale, shift)
+            ctx.out_version = y._version
         return y
 
     @staticmethod
@@ -233,6 +246,7 @@ class _FoldedScaleShift(torch.autograd.Function):
         ctx.kept = KeptOutput(y) if mode is not None else None
         kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
         ctx.save_for_backward(None if mode is not None else y, weight, kept_w, scale, shift)
+        ctx.out_version = y._version
         return y
 
     @staticmethod
@@ -359,19 +373,25 @@ class _FoldedLayerNorm(torch.autograd.Function):
             grad_x = torch.ops.aten.native_layer_norm_backward(
                 g, x, ctx.normalized_shape, mean, rstd, w, b, [True, False, False]
             )[0]
+        need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         need_scale, need_shift = ctx.needs_input_grad[3], ctx.has_shift and ctx.needs_input_grad[4]
-        grad_scale = grad_shift = None
-        if need_scale or need_shift:
+        grad_weight = grad_bias = grad_scale = grad_shift = None
+        if need_weight or need_bias or need_scale or need_shift:
+            # a trainable norm weight / bias (BitFit-style) gets the same float32 sums, times the scale it is folded by
             dims = list(range(g.dim() - len(ctx.normalized_shape)))
             g32 = g.float()
             gb = g32.sum(dims)
             grad_shift = gb.to(scale.dtype) if need_shift else None
-            if need_scale:
+            grad_bias = (gb * scale.float()).to(bias.dtype) if need_bias else None
+            if need_scale or need_weight:
                 xhat = (x.float() - mean.float()) * rstd.float()
                 gw = (g32 * xhat).sum(dims)
-                grad = gw * weight.float() + (gb * bias.float() if bias is not None else 0.0)
-                grad_scale = grad.to(scale.dtype)
-        return grad_x, None, None, grad_scale, grad_shift, None, None, None
+                if need_weight:
+                    grad_weight = (gw * scale.float()).to(weight.dtype)
+                if need_scale:
+                    grad = gw * weight.float() + (gb * bias.float() if bias is not None else 0.0)
+                    grad_scale = grad.to(scale.dtype)
+        return grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, None, None
 
 
 def folded_layer_norm(

@@ -400,7 +400,7 @@ def test_config_field_of_the_wrong_type_is_named_with_the_file(saved, field, val
 
 @pytest.mark.parametrize("damage", ["no_ssf_weights", "invalid_json", "empty_config"])
 def test_cli_merge_refuses_a_damaged_adapter_with_exit_2(saved, tmp_path, damage, capsys):
-    from peft_ssf.cli import main
+    from peft_ssf_cli import main
 
     tiny_vit().save_pretrained(tmp_path / "base")
     if damage == "no_ssf_weights":

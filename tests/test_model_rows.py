@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from peft_ssf import SSFConfig
+from peft_ssf.layer import SSFLayer
 from peft_ssf.presets import shared_parameter_owners
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -75,8 +76,8 @@ def test_all_preset_skips_tied_embedding_and_merge_is_exact(make):
 
 
 def test_untied_llama_embedding_stays_adaptable():
-    targets = get_peft_model(_llama(tied=False), SSFConfig(preset="all")).peft_config["default"].target_modules
-    assert "model.embed_tokens" in targets
+    model = get_peft_model(_llama(tied=False), SSFConfig(preset="all"))
+    assert isinstance(model.base_model.model.model.embed_tokens, SSFLayer)
 
 
 def test_targeting_a_tied_embedding_is_refused_with_the_reason():

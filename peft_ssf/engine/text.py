@@ -48,7 +48,7 @@ def is_text_dataset(ds) -> bool:
 
 
 def label_column(ds) -> str:
-    from ..train import LabelError
+    from .trainer import LabelError
 
     features = ds["train"].features
     col = next((c for c in LABEL_COLUMNS if c in features), None)
@@ -173,7 +173,8 @@ def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = No
     """Fine-tune a sequence classifier on the text dataset ``ds``; the image job's outputs and summary."""
     from transformers import DataCollatorWithPadding
 
-    from ..train import (
+    from .methods import count_trainable
+    from .trainer import (
         _callbacks,
         _trainer_class,
         _training_arguments,
@@ -181,7 +182,6 @@ def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = No
         dataset_labels,
         make_accuracy_metric,
     )
-    from .methods import count_trainable
 
     out = Path(args.output_dir)
     text_col, pair_col = text_columns(ds)
