@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import inspect
 import json
 import os
 import warnings
@@ -21,7 +22,10 @@ InitWeights = Union[bool, Literal["paper"]]
 _VALID_BIAS_FREE = ("scale_only", "error", "add_bias")
 
 #: fields that must be JSON booleans (``"false"`` is a non-empty string, so it would read as True)
-_BOOL_FIELDS = ("skip_key_shift", "allow_unmergeable", "fused", "pair_residuals", "inference_mode")
+_BOOL_FIELDS = ("skip_key_shift", "allow_unmergeable", "inference_mode")
+
+#: switches of the training op: set per run (``SSFConfig(fused=False)`` or ``config.runtime_config``), never saved
+_RUNTIME_FIELDS = ("fused", "pair_residuals")
 
 #: longest adapter name accepted (PEFT has no limit; names become folder names and state-dict key parts)
 MAX_ADAPTER_NAME_LEN = 100
@@ -57,6 +61,36 @@ def check_adapter_name(name: object) -> None:
             f"Invalid adapter name {shown!r}: it {problem}. save_pretrained writes each adapter to a folder of that "
             "name, so use a short plain name such as 'default' or 'task_a' (letters, digits, '_' and '-')."
         )
+
+
+@dataclass
+class SSFRuntimeConfig:
+    """How SSF trains in this process, as PEFT's ``LoraRuntimeConfig``: not written to ``adapter_config.json``.
+
+    They change neither what the adapter learns (the same gradients up to rounding) nor what the file must hold, so
+    an adapter trained with one setting loads and trains with the other. ``SSFConfig(fused=..., pair_residuals=...)``
+    sets them; adapters saved by 0.1.0, whose config file holds both keys, still load (with those values).
+
+    Attributes:
+        fused: use the memory-saving training ops (same gradients as the naive ``x * scale + shift``, see ``ops.py``);
+            ``False`` is the naive op, the reference every test compares with.
+        pair_residuals: with ``fused``, let sites whose output feeds a residual add rebuild it from the add's operands
+            in backward instead of keeping it (see ``residual.py``). It switches itself off under activation
+            checkpointing and other ``saved_tensors_hooks``. Turn it off for models that modify their residual stream
+            in place.
+    """
+
+    fused: bool = True
+    pair_residuals: bool = True
+
+    def __post_init__(self) -> None:
+        for name in _RUNTIME_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"SSFConfig field {name!r} must be true or false (a boolean, not a string or number), got "
+                    f"{type(value).__name__} {value!r}."
+                )
 
 
 @dataclass
@@ -96,12 +130,9 @@ class SSFConfig(PeftConfig):
             scale-only.
         allow_unmergeable: norms without affine parameters cannot absorb scale and shift. By default targeting one
             is an error; ``True`` adapts it anyway and ``merge`` then refuses with a clear message.
-        fused: use the memory-saving training ops (same gradients as the naive formulation, see ``ops.py``).
-        pair_residuals: with ``fused``, let sites whose output feeds a residual add rebuild it from the add's
-            operands in backward instead of keeping it (see ``residual.py``): on ViT-B this removes most of SSF's
-            remaining activation memory. It switches itself off under activation checkpointing and other
-            ``saved_tensors_hooks`` (e.g. ``save_on_cpu``). Turn it off for models that modify their residual
-            stream in place.
+        runtime_config: the training op's switches (``SSFRuntimeConfig``: ``fused``, ``pair_residuals``), not
+            saved with the adapter. ``SSFConfig(fused=False)`` and ``config.fused`` are shorthands for
+            ``config.runtime_config.fused`` (the same for ``pair_residuals``).
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -140,13 +171,20 @@ class SSFConfig(PeftConfig):
     allow_unmergeable: bool = field(
         default=False, metadata={"help": "Allow norms without affine parameters (merge will then refuse)."}
     )
-    fused: bool = field(default=True, metadata={"help": "Use the memory-saving fused training ops."})
-    pair_residuals: bool = field(
-        default=True,
-        metadata={"help": "Fused sites feeding a residual add rebuild their output from it in backward."},
+    runtime_config: SSFRuntimeConfig = field(
+        default_factory=SSFRuntimeConfig,
+        metadata={"help": "Training-op switches (fused, pair_residuals); not saved with the adapter."},
     )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The adapter's settings as saved in ``adapter_config.json``: without the runtime switches."""
+        out = super().to_dict()
+        out.pop("runtime_config", None)
+        return out
+
     def __post_init__(self) -> None:
+        if isinstance(self.runtime_config, dict):  # e.g. dataclasses.replace / asdict round trips
+            self.runtime_config = SSFRuntimeConfig(**self.runtime_config)
         _check_field_types(self)
         super().__post_init__()
         self.peft_type = PeftType.SSF
@@ -220,7 +258,7 @@ _dataclass_init = SSFConfig.__init__
 
 @functools.wraps(_dataclass_init)
 def _checked_init(self: SSFConfig, *args: Any, **kwargs: Any) -> None:
-    valid = {f.name for f in fields(SSFConfig)}
+    valid = {f.name for f in fields(SSFConfig)} | set(_RUNTIME_FIELDS)
     unknown = sorted(set(kwargs) - valid)
     if unknown:
         hints = []
@@ -229,10 +267,32 @@ def _checked_init(self: SSFConfig, *args: Any, **kwargs: Any) -> None:
             hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         # keep PEFT's phrase: its config loader recognises it to drop keys written by newer versions
         raise TypeError(f"SSFConfig got an unexpected keyword argument: {', '.join(hints)}.")
+    runtime = {name: kwargs.pop(name) for name in _RUNTIME_FIELDS if kwargs.get(name) is not None}
+    kwargs.pop("fused", None), kwargs.pop("pair_residuals", None)
     _dataclass_init(self, *args, **kwargs)
+    if runtime:
+        self.runtime_config = SSFRuntimeConfig(**{**vars(self.runtime_config), **runtime})
+
+
+def _runtime_property(name: str) -> property:
+    def get(self: SSFConfig) -> bool:
+        return getattr(self.runtime_config, name)
+
+    def set_(self: SSFConfig, value: bool) -> None:
+        self.runtime_config = SSFRuntimeConfig(**{**vars(self.runtime_config), name: value})
+
+    return property(get, set_, doc=f"Shorthand for ``runtime_config.{name}`` (see ``SSFRuntimeConfig``).")
 
 
 SSFConfig.__init__ = _checked_init
+_signature = inspect.signature(_dataclass_init)
+_checked_init.__signature__ = _signature.replace(parameters=[
+    *_signature.parameters.values(),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation="Optional[bool]")
+      for name in _RUNTIME_FIELDS),
+])
+SSFConfig.fused = _runtime_property("fused")
+SSFConfig.pair_residuals = _runtime_property("pair_residuals")
 
 
 def check_adapter_files(directory: str | os.PathLike) -> None:

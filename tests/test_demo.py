@@ -12,7 +12,6 @@ from peft_ssf.demo.run import run_demo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (BACKBONE_DIR / "model.safetensors").exists(), reason="demo backbone not built")
 def test_quick_demo_end_to_end(tmp_path, capfd):
     out = tmp_path / "demo"
     threads = torch.get_num_threads()
@@ -34,5 +33,21 @@ def test_quick_demo_end_to_end(tmp_path, capfd):
     assert (out / "ssf" / "merged" / "model.safetensors").exists()
     assert (out / "ssf" / "merged" / "preprocessor_config.json").exists()
     assert (out / "ssf" / "adapter" / "adapter_model.safetensors").exists()
+    # the demo's own verdict aside: the merged model and base + adapter, loaded afresh, give the same logits
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    import peft_ssf  # noqa: F401 - registers SSF for PeftModel.from_pretrained
+
+    merged = AutoModelForImageClassification.from_pretrained(out / "ssf" / "merged").eval()
+    base = AutoModelForImageClassification.from_pretrained(
+        BACKBONE_DIR, num_labels=merged.config.num_labels, ignore_mismatched_sizes=True
+    )
+    adapted = PeftModel.from_pretrained(base, out / "ssf" / "adapter").eval()
+    size = merged.config.image_size
+    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = adapted(pixel_values=pixels).logits, merged(pixel_values=pixels).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     card = (out / "ssf" / "adapter" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft") and str(BACKBONE_DIR) not in card and str(tmp_path) not in card
