@@ -41,6 +41,12 @@ _INPLACE_ERROR = (
 )
 
 
+def _version_of(y: torch.Tensor) -> Optional[int]:
+    """``y``'s version counter in eager mode; None while compiling (Dynamo cannot guard on it, and compiled graphs
+    are functional: an in-place change there is a new tensor, not a changed saved one)."""
+    return None if torch.compiler.is_compiling() else y._version
+
+
 def _saved(ctx: Any) -> tuple:
     """``ctx.saved_tensors``, with autograd's in-place error turned into one that names SSF and the fix.
 
@@ -56,7 +62,8 @@ def _saved(ctx: Any) -> tuple:
             raise
         raise RuntimeError(_INPLACE_ERROR + INPLACE_HINT) from exc
     version = getattr(ctx, "out_version", None)
-    if version is not None and saved[0] is not None and saved[0]._version > version:
+    if version is not None and saved[0] is not None and not torch.compiler.is_compiling() and \
+            saved[0]._version > version:
         raise RuntimeError(_INPLACE_ERROR + INPLACE_HINT)
     return saved
 
@@ -138,7 +145,7 @@ class _ScaleShiftSaveOutput(torch.autograd.Function):
             ctx.save_for_backward(scale, shift)
         else:
             ctx.save_for_backward(y, scale, shift)
-            ctx.out_version = y._version
+            ctx.out_version = _version_of(y)
         return y
 
     @staticmethod
@@ -246,7 +253,7 @@ class _FoldedScaleShift(torch.autograd.Function):
         ctx.kept = KeptOutput(y) if mode is not None else None
         kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
         ctx.save_for_backward(None if mode is not None else y, weight, kept_w, scale, shift)
-        ctx.out_version = y._version
+        ctx.out_version = _version_of(y)
         return y
 
     @staticmethod

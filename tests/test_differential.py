@@ -37,14 +37,21 @@ def test_fused_equals_naive_or_refuses_clearly(spec):
         {"kind": "residual", "sites": ["conv1d_hf"], "site_inplace": True},  # the issue's y.mul_(2) row
         {"kind": "two_adds", "sites": ["linear", "ln"], "stream_inplace": True},
         {"kind": "nested", "sites": ["ln", "linear"], "layer_scale": "trainable"},
+        # found by the long search: an in-place change under activation checkpointing (was 2x the scale gradient)
+        {"kind": "residual", "sites": ["linear_nobias", "ln"], "site_inplace": True, "spec": {"checkpoint": True}},
+        # and a trainable channels-first norm bias in a bf16 model (shift gradient 6x further from float64)
+        {"kind": "residual", "sites": ["conv", "ln_cf"], "spec": {"domain": "img", "precision": "bf16",
+                                                                  "train_norm_bias": True}},
     ],
 )
 def test_known_shapes(case):
-    """Hand-picked graphs from the issue's table, so they run every time whatever hypothesis draws."""
+    """Hand-picked graphs from the issue's table and the long search, so they run whatever hypothesis draws."""
+    case = dict(case)
+    overrides = case.pop("spec", {})
     block = {"act": "none", "site_inplace": False, "stream_inplace": False, "layer_scale": "none", "dropout": 0.0,
              "view": "none", **case}
     spec = {"domain": "seq", "blocks": [block], "tie": False, "target_tied": False, "container_head": True,
-            "train_norm_bias": False, "precision": "fp32", "checkpoint": False}
+            "train_norm_bias": False, "precision": "fp32", "checkpoint": False, **overrides}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert check(spec) in ("passed", "refused")
