@@ -12,9 +12,9 @@ from differential import check, draw_spec
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-#: examples per CI run: bounded so that the test stays under a minute on 2 cores; derandomized so CI is repeatable.
+#: examples per CI run: bounded so that the test stays within seconds on 2 cores; derandomized so CI is repeatable.
 #: No shrinking (it costs minutes): a failure prints its whole spec, a repro for ``differential.check``.
-CI_EXAMPLES = 20
+CI_EXAMPLES = 60
 
 
 @st.composite
