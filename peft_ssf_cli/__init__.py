@@ -9,7 +9,7 @@ command's implementation imported:
 command    implementation                  what it does
 =========  ==============================  =====================================================================
 demo       ``peft_ssf.demo.run.cmd_demo``  the SSF story offline on CPU: fine-tune, compare, merge, reload
-train      ``peft_ssf.train.run_train``    fine-tune an image classifier with SSF (or a baseline) and ``Trainer``
+train      ``peft_ssf.train.run_train``    fine-tune an image / text classifier with SSF (or a baseline), ``Trainer``
 merge      ``.commands.cmd_merge``         fold an adapter into its base model, save a plain transformers model
 push       ``.commands.cmd_push``          upload an adapter with its model card to the Hugging Face Hub
 analyze    ``peft_ssf.analysis.cli``       invariance report: what fine-tuning did to each layer
@@ -158,7 +158,8 @@ def default_threads() -> int:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``peft-ssf train`` / ``examples/train_image_classification.py``."""
     g = parser.add_argument_group("model and data")
-    g.add_argument("--model", required=True, help="model id or local path (an image classification checkpoint)")
+    g.add_argument("--model", required=True,
+                   help="model id or local path (an image or text classification checkpoint)")
     g.add_argument("--dataset", required=True, help="Hub dataset id, imagefolder dir, or save_to_disk dir")
     g.add_argument("--output_dir", "--out", dest="output_dir", required=True,
                    help="where checkpoints, the adapter and results go")
@@ -166,7 +167,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="replace a non-empty output_dir: the earlier run's adapter, merged model, checkpoints and "
                         "results are removed first")
     g.add_argument("--max_train_samples", type=positive_int, default=None,
-                   help="use only this many training images (default: all)")
+                   help="use only this many training examples (default: all)")
     g.add_argument("--image_column", default=None,
                    help="the dataset's image column (default: the first of image, img, pixel_values)")
     g.add_argument("--label_column", default=None,
@@ -186,7 +187,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=positive_float, default=3.0, help="training epochs")
     g.add_argument("--max_steps", type=max_steps, default=-1, help="stop after this many steps; -1: use --epochs")
-    g.add_argument("--batch_size", type=positive_int, default=32, help="images per step (per device)")
+    g.add_argument("--batch_size", type=positive_int, default=32, help="examples per step (per device)")
     g.add_argument("--lr", type=positive_float, default=5e-3, help="peak learning rate of AdamW")
     g.add_argument("--weight_decay", type=nonnegative_float, default=0.05,
                    help="weight decay of the head's weight matrix")
@@ -214,7 +215,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                    help="accuracy via `evaluate` (needs the Hub once) or the built-in numpy version")
     g = parser.add_argument_group("outputs")
     g.add_argument("--save_merged", action="store_true",
-                   help="also write the merged plain model (with its image processor) to output_dir/merged")
+                   help="also write the merged plain model (with its image processor or tokenizer) to "
+                        "output_dir/merged")
     g.add_argument("--push_to_hub", default=None, metavar="REPO_ID",
                    help="upload the trained adapter + model card to this Hub repository, last, after everything "
                         "is saved locally (default: no upload)")
@@ -248,8 +250,8 @@ def _add_merge_push(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None,
                    help="base model path or Hub id (default: the one recorded in the adapter config)")
     p.add_argument("--output_dir", "--out", dest="out", required=True,
-                   help="output directory for the merged model and its image processor (not inside or around the "
-                        "adapter or base)")
+                   help="output directory for the merged model and its image processor or tokenizer (not inside or "
+                        "around the adapter or base)")
     p.add_argument("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
                    help="replace a non-empty output directory")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -274,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog=PROG, description=MAIN_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     _add_demo(sub)
-    p = sub.add_parser("train", help="fine-tune an image classifier with SSF and Trainer")
+    p = sub.add_parser("train", help="fine-tune an image or text classifier with SSF and Trainer")
     add_train_arguments(p)
     _add_merge_push(sub)
     sub.add_parser("analyze", help="invariance report: what fine-tuning did to each layer", add_help=False)

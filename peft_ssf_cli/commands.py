@@ -61,10 +61,33 @@ def run_with_timeout(func: Callable[[], Any], seconds: float, what: str) -> Any:
 
 
 def _probe_inputs(model: torch.nn.Module, batch: int = 2) -> dict[str, torch.Tensor]:
-    size = getattr(model.config, "image_size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
+    """A fixed batch the model accepts: images, or token ids for a text model (decoder ids too for seq2seq)."""
+    config = model.config
     g = torch.Generator().manual_seed(0)
-    return {"pixel_values": torch.randn(batch, getattr(model.config, "num_channels", 3), size, size, generator=g)}
+    if getattr(config, "image_size", None) is None and getattr(config, "vocab_size", None):
+        ids = torch.randint(0, min(config.vocab_size, 1000), (batch, 16), generator=g)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids[:, :8]
+        return inputs
+    size = getattr(config, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return {"pixel_values": torch.randn(batch, getattr(config, "num_channels", 3), size, size, generator=g)}
+
+
+def _save_preprocessor(out: str | Path, base: str, merged: torch.nn.Module) -> None:
+    """Beside the merged model: the base's tokenizer for a text model (when it has one), else the image processor."""
+    if "input_ids" not in _probe_inputs(merged, 1):
+        save_image_processor(out, base, image_normalization(base, merged.config))
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, TypeError, KeyError):  # a base without tokenizer files (tiny test models)
+        print(f"note: {base} has no tokenizer; the merged model is written without one")
+        return
+    tokenizer.save_pretrained(out)
 
 
 def _outputs(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -108,7 +131,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise UserError(f"merged outputs differ from the adapter's by {err:.3g} (> {tol}); nothing written")
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         merged.save_pretrained(tmp)
-        save_image_processor(tmp, base, image_normalization(base, merged.config))
+        _save_preprocessor(tmp, base, merged)
     print(f"merged model written to {args.out} (probe max relative difference {err:.2e})")
     return 0
 

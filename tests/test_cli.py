@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_vit
 from peft import get_peft_model
 
@@ -422,3 +423,38 @@ def test_python_api_wrong_hidden_size_names_the_first_mismatching_layer(adapters
     message = str(err.value)
     assert "\n" not in message and "first mismatching layer" in message
     assert "adapter torch.Size([32]), base torch.Size([48]) (33 mismatching tensors)" in message
+
+
+@pytest.mark.parametrize("family,task", [("bert", "SEQ_CLS"), ("roberta", "SEQ_CLS"), ("llama", "CAUSAL_LM"),
+                                         ("t5", "SEQ_2_SEQ_LM")])
+def test_merge_writes_a_deployable_text_model(tmp_path, capsys, family, task):
+    """Text adapters merge through the CLI too: the base is loaded with the auto class of the adapter's task_type
+    (a trained 3-class head for SEQ_CLS) and the merged model equals base + adapter."""
+    import transformers
+    from peft import PeftModel
+    from text_models import text_inputs, tiny_text_model
+
+    from peft_ssf.engine.loading import TEXT_TASK_CLASSES
+
+    auto = getattr(transformers, TEXT_TASK_CLASSES[task])
+    base = tiny_text_model(family, **({"num_labels": 2} if task == "SEQ_CLS" else {}))
+    base.save_pretrained(tmp_path / "base")
+    trained = tiny_text_model(family, seed=1, **({"num_labels": 3} if task == "SEQ_CLS" else {}))
+    trained.load_state_dict({k: v for k, v in base.state_dict().items() if "classifier" not in k}, strict=False)
+    model = get_peft_model(trained, SSFConfig(task_type=task, init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    assert peft_ssf_cli.main(["merge", "--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"),
+                              "--out", str(out), "--no_progress"]) == 0
+    assert "merged model written" in capsys.readouterr().out
+    merged = auto.from_pretrained(out).eval()
+    reference = PeftModel.from_pretrained(
+        auto.from_pretrained(tmp_path / "base", **({"num_labels": 3, "ignore_mismatched_sizes": True}
+                                                   if task == "SEQ_CLS" else {})),
+        tmp_path / "adapter",
+    ).eval()
+    inputs = text_inputs(family)
+    with torch.no_grad():
+        want, got = reference(**inputs).logits, merged(**inputs).logits
+    assert got.shape[-1] == (3 if task == "SEQ_CLS" else want.shape[-1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

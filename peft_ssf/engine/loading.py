@@ -46,6 +46,40 @@ def load_pretrained(path: PathLike, id2label: Optional[dict[int, str]] = None) -
     return AutoModel.from_pretrained(str(path))
 
 
+#: output layers of text classification heads (RoBERTa: a head module with its own ``out_proj``; decoders: ``score``)
+_TEXT_HEADS = ("classifier.out_proj", "score")
+
+#: PEFT task types of text adapters -> the transformers auto class their base model is loaded with
+TEXT_TASK_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def adapter_task_type(adapter_dir: PathLike) -> Optional[str]:
+    """The PEFT ``task_type`` recorded in an adapter's config (``SEQ_CLS``, ``CAUSAL_LM``, ...; None for images)."""
+    from ..config import read_config_file
+
+    task = read_config_file(Path(adapter_dir) / "adapter_config.json").get("task_type")
+    return task if isinstance(task, str) else None
+
+
+def load_text_model(path: PathLike, task_type: str, id2label: Optional[dict[int, str]] = None) -> nn.Module:
+    """The base of a text adapter with the auto class of its ``task_type``; a classifier gets ``id2label``'s size
+    (a new head when the checkpoint's differs: the adapter brings its trained head)."""
+    import transformers
+
+    auto = getattr(transformers, TEXT_TASK_CLASSES[task_type])
+    if task_type != "SEQ_CLS" or id2label is None:
+        return auto.from_pretrained(str(path))
+    labels = {"num_labels": len(id2label), "id2label": dict(id2label),
+              "label2id": {v: k for k, v in id2label.items()}}
+    return auto.from_pretrained(str(path), ignore_mismatched_sizes=True, **labels)
+
+
 def adapter_head_size(adapter_dir: PathLike) -> Optional[int]:
     """Number of classes of a ``modules_to_save`` classifier head stored in an adapter, if it has one."""
     file = Path(adapter_dir) / "adapter_model.safetensors"
@@ -56,7 +90,7 @@ def adapter_head_size(adapter_dir: PathLike) -> Optional[int]:
     with safe_open(str(file), framework="pt") as fh:
         for key in fh.keys():  # noqa: SIM118  (safe_open is not iterable)
             shape = fh.get_slice(key).get_shape()
-            if any(key.endswith(f"{h}.weight") for h in HEAD_NAMES) and len(shape) == 2:
+            if any(key.endswith(f"{h}.weight") for h in (*HEAD_NAMES, *_TEXT_HEADS)) and len(shape) == 2:
                 return int(shape[0])
     return None
 
@@ -179,7 +213,11 @@ def load_adapter(adapter: PathLike, base: Optional[PathLike] = None, merge: bool
     try:
         same_head = head is None or AutoConfig.from_pretrained(base_path).num_labels == head
         new_labels = labels if labels and len(labels) == head else {i: f"LABEL_{i}" for i in range(head or 0)}
-        model = apply_labels(load_pretrained(base_path, None if same_head else new_labels), labels)
+        task = adapter_task_type(adapter_dir)
+        if task in TEXT_TASK_CLASSES:
+            model = apply_labels(load_text_model(base_path, task, None if same_head else new_labels), labels)
+        else:
+            model = apply_labels(load_pretrained(base_path, None if same_head else new_labels), labels)
     except OSError as exc:
         raise AdapterLoadError(f"cannot load the base model {base_path!r} of {adapter_dir} "
                                f"({str(exc).splitlines()[0]}); pass --base PATH_OR_ID") from exc
