@@ -281,6 +281,11 @@ class SSFLayer(BaseTunerLayer):
             if pname not in copies and (_restores_by_copy(param) or (pname == "weight" and self.merge_keeps_weight)):
                 copies[pname] = param.detach().clone()
 
+    def merge_refusal(self) -> Optional[str]:
+        """Why this layer cannot be merged although it has affine parameters (None: it can); checked before any
+        layer is written."""
+        return None
+
     def non_finite_adapter_params(self, adapter: str) -> list[str]:
         """Which of ``adapter``'s parameters (``ssf_scale``, ``ssf_shift``) hold NaN or Inf."""
         return [
@@ -701,11 +706,43 @@ class Embedding(_SSFModule):
 
     def _merged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.get_base_layer().weight.detach().to(scale.dtype) * scale
-        return {"weight": w + shift if shift is not None else w}
+        return {"weight": w + shift / self._lookup_scale() if shift is not None else w}
 
     def _unmerged_params(self, scale: torch.Tensor, shift: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
         w = self.get_base_layer().weight.detach().to(scale.dtype)
-        return {"weight": (w - shift) / scale if shift is not None else w / scale}
+        return {"weight": (w - shift / self._lookup_scale()) / scale if shift is not None else w / scale}
+
+    def _lookup_scale(self) -> float:
+        """``c`` of an embedding whose forward returns ``c * weight[ids]`` (Gemma's and BART's scaled word embeddings
+        multiply by ``sqrt(hidden)``): the shift is added after that product, so the table absorbs ``shift / c``.
+        Measured on the largest row, so any such subclass is covered; a forward that is not a scaled lookup cannot
+        absorb a shift, and merging refuses instead of writing a different model."""
+        base = self.get_base_layer()
+        if type(base) is nn.Embedding:
+            return 1.0
+        with torch.no_grad():
+            weight = base.weight.detach()
+            row = int(weight.float().norm(dim=1).argmax())
+            out = base(torch.tensor([row], device=weight.device))[0].float()
+            ref = weight[row].float()
+            c = float((out @ ref) / (ref @ ref).clamp_min(1e-30))
+            if not torch.allclose(out, c * ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max())):
+                raise ValueError(self._NOT_A_LOOKUP.format(type(base).__name__))
+        return c
+
+    _NOT_A_LOOKUP = (
+        "SSF cannot merge into {}: its forward is not a (scaled) table lookup, so its table cannot absorb the shift. "
+        "Exclude it from target_modules, or keep the adapter unmerged."
+    )
+
+    def merge_refusal(self) -> Optional[str]:
+        if not self.ssf_shift:
+            return None
+        try:
+            self._lookup_scale()
+        except ValueError as exc:
+            return str(exc)
+        return None
 
 
 #: base-layer types whose forward is one functional call with replaceable weight / bias (exact type match)

@@ -315,6 +315,10 @@ class SSFModel(BaseTuner):
             if not layer.can_merge:
                 problems.append(("", f"{name}: {type(layer.get_base_layer()).__name__} without affine parameters"))
                 continue
+            refusal = layer.merge_refusal()
+            if refusal is not None:
+                problems.append(("", f"{name}: {refusal}"))
+                continue
             for adapter in adapters:
                 bad = layer.non_finite_adapter_params(adapter)
                 if bad:
