@@ -14,10 +14,12 @@ normalised with the checkpoint's image-processor statistics (``engine.image_norm
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -285,8 +287,20 @@ def train(args: argparse.Namespace, stop_after_step: Optional[int] = None) -> di
     if not args.resume_from_checkpoint:
         check_output_dir(out, args.overwrite_output_dir)
     engine.check_model_path(args.model)
-    with output_lock(out):
+    with output_lock(out), _cpu_threads(getattr(args, "threads", None)):
         return _train_locked(args, out, stop_after_step)
+
+
+@contextlib.contextmanager
+def _cpu_threads(threads: Optional[int]) -> Iterator[None]:
+    """``--threads`` for the run (image and text jobs) on CPU; the caller's thread count is restored afterwards."""
+    previous = torch.get_num_threads()
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional[int]) -> dict[str, Any]:
@@ -322,9 +336,6 @@ def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional
         clean_orphans(out)
         if not resume and args.overwrite_output_dir:
             _clear_run(out)
-    threads = getattr(args, "threads", None)
-    if threads and not torch.cuda.is_available():
-        torch.set_num_threads(threads)
     model = build_model(args.model, len(id2label), id2label, args.method, args)
     transform = ImageTransform(norm.size, norm.mean, norm.std)
     train_set = TransformedImages(ds["train"], ImageTransform(norm.size, norm.mean, norm.std, train=args.augment),

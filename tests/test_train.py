@@ -291,9 +291,11 @@ def test_threads_option_sets_torch_threads(workspace, monkeypatch):
     root, data = workspace
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
         summary = train(_quick(root, data, root / "threads", "--max_steps", "1", "--no_checkpoints", "--threads",
                                "1"))
-        assert summary["threads"] == 1 == torch.get_num_threads()
+        assert summary["threads"] == 1  # the run used one thread
+        assert torch.get_num_threads() == 2  # and gave the caller's setting back
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
