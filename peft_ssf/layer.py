@@ -713,20 +713,26 @@ class Embedding(_SSFModule):
         return {"weight": (w - shift / self._lookup_scale()) / scale if shift is not None else w / scale}
 
     def _lookup_scale(self) -> float:
-        """``c`` of an embedding whose forward returns ``c * weight[ids]`` (Gemma's and BART's scaled word embeddings
-        multiply by ``sqrt(hidden)``): the shift is added after that product, so the table absorbs ``shift / c``.
-        Measured on the largest row, so any such subclass is covered; a forward that is not a scaled lookup cannot
-        absorb a shift, and merging refuses instead of writing a different model."""
+        """``c`` of an embedding whose forward returns ``c * weight[ids]``: transformers' scaled word embeddings
+        (Gemma 1-3, BART / M2M100 with ``scale_embedding``) hold it as ``embed_scale``. The shift is added after that
+        product, so the table absorbs ``shift / c``. Other embeddings (``nn.Embedding``, OPT's learned positions) look
+        rows up unscaled. The scaled form is checked on the table's largest row: a forward that is not ``c`` times
+        a lookup cannot absorb a shift, and merging refuses instead of writing a different model."""
         base = self.get_base_layer()
-        if type(base) is nn.Embedding:
+        scale = getattr(base, "embed_scale", None)
+        if scale is None:
             return 1.0
+        c = float(scale)
         with torch.no_grad():
             weight = base.weight.detach()
             row = int(weight.float().norm(dim=1).argmax())
-            out = base(torch.tensor([row], device=weight.device))[0].float()
+            try:
+                out = base(torch.tensor([[row]], device=weight.device)).reshape(-1).float()
+            except Exception as exc:  # noqa: BLE001 - any forward that does not take token ids
+                raise ValueError(self._NOT_A_LOOKUP.format(type(base).__name__)) from exc
             ref = weight[row].float()
-            c = float((out @ ref) / (ref @ ref).clamp_min(1e-30))
-            if not torch.allclose(out, c * ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max())):
+            atol = 1e-6 * float(ref.abs().max())
+            if out.shape != ref.shape or not torch.allclose(out, c * ref, rtol=1e-3, atol=atol):
                 raise ValueError(self._NOT_A_LOOKUP.format(type(base).__name__))
         return c
 

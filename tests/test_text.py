@@ -349,10 +349,12 @@ def test_scaled_word_embedding_merges_exactly(model_type):
 
 
 class _NoisyEmbedding(nn.Embedding):
-    """An embedding subclass whose forward is not a scaled lookup: no table can absorb a shift after it."""
+    """A "scaled" embedding (``embed_scale``) whose forward is not a scaled lookup: no table absorbs a shift."""
+
+    embed_scale = 2.0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return super().forward(ids) + 1.0
+        return super().forward(ids) * self.embed_scale + 1.0
 
 
 def test_embedding_that_is_not_a_lookup_refuses_to_merge_before_writing():
