@@ -129,6 +129,12 @@ def prepare_model(model: nn.Module, method: str, **ssf_options: Any) -> nn.Modul
     config = peft_config(method, getattr(model.config, "model_type", ""), head, **ssf_options)
     if config is not None:
         return get_peft_model(model, config)
+    return train_only(model, method, head)
+
+
+def train_only(model: nn.Module, method: str, head: str) -> nn.Module:
+    """The non-PEFT methods: every parameter trainable (``full``), or only the head (and for ``bitfit`` the
+    biases)."""
     model.requires_grad_(method == "full")
     if method != "full":
         for name, param in model.named_parameters():
