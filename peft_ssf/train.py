@@ -19,7 +19,7 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -203,8 +203,10 @@ def head_weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> lis
 
 
 # ----- the job ------------------------------------------------------------------------------------
-def _save_outputs(model, args: argparse.Namespace, out: Path, norm: engine.Normalization) -> dict[str, str]:
-    """Adapter (+ card, + labels.json) or full model, and the merged model (the Hub push comes after, in ``train``)."""
+def _save_outputs(model, args: argparse.Namespace, out: Path, save_preprocessor: Callable[[Path], None]
+                  ) -> dict[str, str]:
+    """Adapter (+ card, + labels.json) or full model, and the merged model, each with the image processor or
+    tokenizer (``save_preprocessor``); the Hub push comes after, in ``finish_run``."""
     saved: dict[str, str] = {}
     final = out / ("adapter" if args.method == "ssf" else "model")
     with atomic_output_dir(final, overwrite=True) as tmp:
@@ -214,15 +216,33 @@ def _save_outputs(model, args: argparse.Namespace, out: Path, norm: engine.Norma
 
             write_model_card(model, tmp, args.push_to_hub)
         else:
-            engine.save_image_processor(tmp, args.model, norm)
+            save_preprocessor(tmp)
     saved["saved_to"] = str(final)
     if args.method == "ssf" and args.save_merged:
         merged = model.merge_and_unload(safe_merge=True)
         with atomic_output_dir(out / "merged", overwrite=True) as tmp:
             merged.save_pretrained(tmp)
-            engine.save_image_processor(tmp, args.model, norm)
+            save_preprocessor(tmp)
         saved["merged_to"] = str(out / "merged")
     return saved
+
+
+def finish_run(summary: dict[str, Any], model, args: argparse.Namespace, out: Path,
+               save_preprocessor: Callable[[Path], None]) -> dict[str, Any]:
+    """The end of every ``train`` job (image and text): outputs, ``results.json``, and the Hub push last, so that
+    everything local is safe whatever the network does."""
+    summary.update(_save_outputs(model, args, out, save_preprocessor))
+    atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    if args.push_to_hub and args.method == "ssf":
+        try:
+            summary["hub_url"] = _push(out / "adapter", args)
+        except UserError as exc:
+            summary["hub_error"] = str(exc)
+            atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
+            raise UserError(f"{exc} (the run's outputs are safe in {out}; retry with `peft-ssf push --adapter "
+                            f"{out / 'adapter'} --repo_id {args.push_to_hub}`)") from exc
+        atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -315,7 +335,7 @@ def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional
     from .engine import text  # a text column and no image column: sequence classification (engine/text.py)
 
     if text.is_text_dataset(ds):
-        return text.train_text(args, ds, stop_after_step)
+        return text.train_text(args, ds, stop_after_step, finish=finish_run)
     image_col, label_col = image_and_label_columns(ds, getattr(args, "image_column", None),
                                                    getattr(args, "label_column", None))
     if args.max_train_samples:
@@ -358,18 +378,7 @@ def _train_locked(args: argparse.Namespace, out: Path, stop_after_step: Optional
     summary["val_accuracy"] = trainer.evaluate().get("eval_accuracy")
     if "test" in ds:
         summary["test_accuracy"] = trainer.evaluate(eval_sets["test"], metric_key_prefix="test").get("test_accuracy")
-    summary.update(_save_outputs(model, args, out, norm))
-    atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    if args.push_to_hub and args.method == "ssf":  # last: everything local is safe whatever the network does
-        try:
-            summary["hub_url"] = _push(out / "adapter", args)
-        except UserError as exc:
-            summary["hub_error"] = str(exc)
-            atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
-            raise UserError(f"{exc} (the run's outputs are safe in {out}; retry with `peft-ssf push --adapter "
-                            f"{out / 'adapter'} --repo_id {args.push_to_hub}`)") from exc
-        atomic_write(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish_run(summary, model, args, out, lambda folder: engine.save_image_processor(folder, args.model, norm))
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -144,3 +144,28 @@ def test_text_path_user_errors(text_workspace, tmp_path):
     with pytest.raises(UserError, match=r"cannot find a label column.*\['text', 'stars'\]"):
         train(_args("--model", str(text_workspace / "bert"), "--dataset", str(unlabeled), "--output_dir",
                     str(tmp_path / "b"), "--no_progress", "--metric_backend", "builtin"))
+
+
+def test_text_job_pushes_last_and_a_failed_push_is_one_user_error(text_workspace, monkeypatch):
+    """The text job ends as the image job does (issue 25.10): merged/ and results.json are written before the push,
+    and no network at push time is one line naming the retry. Before, it pushed before writing merged/."""
+    from huggingface_hub import HfApi
+
+    from peft_ssf.errors import UserError
+
+    def no_network(self, repo_id, **kwargs):
+        raise ConnectionError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    out = text_workspace / "push_fails"
+    with pytest.raises(UserError) as err:
+        train(_args("--model", str(text_workspace / "bert"), "--dataset", str(text_workspace / "data"),
+                    "--output_dir", str(out), "--max_steps", "1", "--batch_size", "8", "--save_merged",
+                    "--push_to_hub", "someone/ssf", "--no_progress", "--metric_backend", "builtin",
+                    "--no_checkpoints"))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("the upload to someone/ssf failed (ConnectionError")
+    assert f"peft-ssf push --adapter {out / 'adapter'} --repo_id someone/ssf" in message
+    assert (out / "merged" / "model.safetensors").is_file() and (out / "merged" / "tokenizer.json").is_file()
+    results = json.loads((out / "results.json").read_text())
+    assert results["merged_to"] == str(out / "merged") and "ConnectionError" in results["hub_error"]

@@ -10,9 +10,9 @@ is saved with its tokenizer and serves with ``pipeline("text-classification")``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -92,7 +92,7 @@ def build_text_classifier(model_path: str, id2label: dict[int, str], method: str
     from transformers import AutoModelForSequenceClassification
 
     from ..errors import UserError
-    from .methods import peft_config
+    from .methods import peft_config, train_only
 
     labels = {"id2label": dict(id2label), "label2id": {v: k for k, v in id2label.items()}}
     torch.manual_seed(getattr(args, "seed", 0))
@@ -115,11 +115,7 @@ def build_text_classifier(model_path: str, id2label: dict[int, str], method: str
         paper = getattr(args, "paper_init", False) or getattr(args, "paper_recipe", False)
         config = peft_config("ssf_paper_init" if paper else "ssf", model.config.model_type, head, **options)
         return get_peft_model(model, config)
-    model.requires_grad_(method == "full")
-    if method != "full":
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith(f"{head}.") or (method == "bitfit" and name.endswith(".bias")))
-    return model
+    return train_only(model, method, head)
 
 
 def tokenize(ds, tokenizer, text_col: str, pair_col: Optional[str], label_col: str):
@@ -144,33 +140,10 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _save_text_outputs(model, tokenizer, args: argparse.Namespace, out: Path) -> dict[str, str]:
-    """As the image job: adapter + card (or the full model), the Hub push, the merged model; with the tokenizer."""
-    from ..hub import write_model_card
-    from ..io import atomic_output_dir
-
-    saved: dict[str, str] = {}
-    final = out / ("adapter" if args.method == "ssf" else "model")
-    with atomic_output_dir(final, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        if args.method == "ssf":
-            write_model_card(model, tmp, args.push_to_hub)
-        else:
-            tokenizer.save_pretrained(tmp)
-    saved["saved_to"] = str(final)
-    if args.push_to_hub and args.method == "ssf":
-        saved["hub_url"] = str(model.push_to_hub(args.push_to_hub))
-    if args.method == "ssf" and args.save_merged:
-        merged = model.merge_and_unload(safe_merge=True)
-        with atomic_output_dir(out / "merged", overwrite=True) as tmp:
-            merged.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        saved["merged_to"] = str(out / "merged")
-    return saved
-
-
-def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = None) -> dict[str, Any]:
-    """Fine-tune a sequence classifier on the text dataset ``ds``; the image job's outputs and summary."""
+def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = None, *,
+               finish: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Fine-tune a sequence classifier on the text dataset ``ds``; ``finish`` (``peft_ssf.train.finish_run``, passed in
+    so the two jobs do not import each other) writes the image job's outputs with the tokenizer, and pushes last."""
     from transformers import DataCollatorWithPadding
 
     from .methods import count_trainable
@@ -216,6 +189,4 @@ def train_text(args: argparse.Namespace, ds, stop_after_step: Optional[int] = No
     summary["val_accuracy"] = trainer.evaluate().get("eval_accuracy")
     if "test" in encoded:
         summary["test_accuracy"] = trainer.evaluate(encoded["test"], metric_key_prefix="test").get("test_accuracy")
-    summary.update(_save_text_outputs(model, tokenizer, args, out))
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return finish(summary, model, args, out, tokenizer.save_pretrained)
