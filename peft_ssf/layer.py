@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D as HFConv1D
 
 from . import residual
 from .guard import _is_dtensor, assert_compiled_scales, note_compiled, refresh_sites, site_may_keep_output
-from .ops import FoldSite, folded_layer_norm, folded_scale_shift, scale_shift_fused, scale_shift_naive
+from .ops import FoldSite, folded_scale_shift, layer_norm_scale_shift, scale_shift_fused, scale_shift_naive
 
 #: Unmerge divides full-precision weights by ``scale``; below this magnitude the division would amplify rounding.
 MIN_UNMERGE_SCALE = 1e-4
@@ -503,7 +503,8 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
                     f"{site.out_channels} output channels and the adapter {scale.shape[0]}."
                 )
             shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
-            return folded_scale_shift(x, site, scale, shift, mode=self._pairing_mode(), owner=self)
+            return folded_scale_shift(x, site, scale, shift, mode=self._pairing_mode(), owner=self,
+                                      fold=_fold_exact(x, base.weight, scale))
         run = _DIRECT_OPS.get(type(base))
         if run is None or "_hf_hook" in base.__dict__ or not self._fold_is_cheaper(base, x):
             # (an accelerate hook must run the op: it moves the weights to the input's device first)
@@ -531,6 +532,14 @@ class _WeightBiasOp(_FoldIntoWeightAndBias, _SSFModule):
         if isinstance(base, nn.Linear):
             return x.dim() > 0 and x.numel() // max(x.shape[-1], 1) > base.in_features
         return base.weight.numel() < x.numel()
+
+
+def _fold_exact(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether training may fold SSF into the frozen weight (``ops._FoldedScaleShift``): float32 / float64 with one
+    dtype throughout and no autocast. In half precision the folded weight rounds differently from the naive op's
+    output, which can flip a ReLU downstream; there the op runs first and SSF after it, rounded as ``fused=False``."""
+    return (not torch.is_autocast_enabled(x.device.type) and x.dtype in (torch.float32, torch.float64)
+            and x.dtype == weight.dtype == scale.dtype)
 
 
 class Linear(_WeightBiasOp):
@@ -593,9 +602,20 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
             rebuild = mode.norm_input(x, can_rebuild)
             if rebuild is not None:
                 shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
-                return folded_layer_norm(x, base, self.ssf_scale[adapter], shift, rebuild)
+                return layer_norm_scale_shift(x, base, self.ssf_scale[adapter], shift, rebuild)
         if not self.can_merge:
             return super()._fused_forward(x, adapter, *args, **kwargs)
+        if layout is not None and _half_precision_norm(base, x):
+            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
+            if layout == "channels_first":  # ConvNeXt's LayerNorm over dim 1: the same permutes as its forward
+                out = layer_norm_scale_shift(x.permute(0, 2, 3, 1), base, self.ssf_scale[adapter], shift)
+                return out.permute(0, 3, 1, 2)
+            return layer_norm_scale_shift(x, base, self.ssf_scale[adapter], shift)
+        if _half_kernel(x):
+            # other norms (GroupNorm, BatchNorm, ...) in half precision: a folded weight rounds differently from the
+            # naive op, and keeping the output would refuse the in-place activation that usually follows a BatchNorm
+            # (ReLU(inplace=True)); so the naive op, which keeps the norm's output before SSF
+            return self._apply_adapter(base(x, *args, **kwargs), adapter)
         scale = self.ssf_scale[adapter].to(base.weight.dtype)
         params = {"weight": base.weight * scale}
         if base.bias is not None:
@@ -603,12 +623,6 @@ class _AffineNorm(_FoldIntoWeightAndBias, _SSFModule):
             if adapter in self.ssf_shift:
                 bias = bias + self.ssf_shift[adapter].to(base.bias.dtype)
             params["bias"] = bias
-        if layout is not None and _half_precision_norm(base, x):
-            shift = self.ssf_shift[adapter] if adapter in self.ssf_shift else None
-            if layout == "channels_first":  # ConvNeXt's LayerNorm over dim 1: the same permutes as its forward
-                out = folded_layer_norm(x.permute(0, 2, 3, 1), base, self.ssf_scale[adapter], shift)
-                return out.permute(0, 3, 1, 2)
-            return folded_layer_norm(x, base, self.ssf_scale[adapter], shift)
         if type(base) is nn.LayerNorm and not args and not kwargs:  # skip functional_call's module swapping
             return F.layer_norm(x, base.normalized_shape, params["weight"], params.get("bias"), base.eps)
         return functional_call(base, params, (x, *args), kwargs, strict=False)
@@ -627,18 +641,20 @@ def _layer_norm_layout(base: nn.Module) -> Optional[str]:
     return None
 
 
-def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
-    """A frozen norm on half-precision input whose kernel runs in half precision (a bf16 / fp16 model; CPU autocast,
-    which passes a bf16 input to ``layer_norm`` unchanged), outside compilation: its parameter gradients are computed
-    by ``ops.folded_layer_norm``. The CPU LayerNorm backward accumulates them in half precision: about 2% off over a
-    few hundred tokens, and up to a third off over the 25,000 tokens of a Swin-B stage at batch 8 (measured against
-    float64). CUDA autocast runs ``layer_norm`` in float32 and is left to it. A trainable norm weight or bias
-    (BitFit-style) gets its gradient from the same float32 sums."""
-    if base.weight is None or x.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.compiler.is_compiling():
+def _half_kernel(x: torch.Tensor) -> bool:
+    """A norm on ``x`` computes in half precision: ``x`` is bf16 / fp16 and no CUDA-style autocast casts it up
+    (CPU autocast passes a bf16 input to the norms unchanged; CUDA autocast runs them in float32)."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
         return False
     return x.device.type == "cpu" or not torch.is_autocast_enabled(x.device.type)
+
+
+def _half_precision_norm(base: nn.Module, x: torch.Tensor) -> bool:
+    """A frozen LayerNorm with a weight whose kernel runs in half precision, outside compilation: SSF runs as
+    ``ops.layer_norm_scale_shift`` (the naive op's output; parameter gradients from float32 sums, where the CPU
+    kernel's half-precision sums are about 2% off over a few hundred tokens and up to a third off over the 25,000
+    tokens of a Swin-B stage at batch 8, measured against float64)."""
+    return base.weight is not None and _half_kernel(x) and not torch.compiler.is_compiling()
 
 
 class LayerNorm(_AffineNorm):

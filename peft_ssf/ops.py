@@ -204,54 +204,52 @@ def scale_shift_fused(
     return y
 
 
-# ----- SSF folded into a frozen Linear / Conv ---------------------------------------------------------------------
-def _low_precision(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype when autocast is on for ``device_type`` (None otherwise)."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
+# ----- SSF on a frozen Linear / Conv ------------------------------------------------------------------------------
 class _FoldedScaleShift(torch.autograd.Function):
-    """``y = op(x, scale * W, scale * b + shift)`` for a frozen Linear / Conv ``op``: SSF costs no activation pass.
+    """SSF on a frozen Linear / Conv ``op`` that keeps only its output ``y`` (not the op's input, not ``h``).
 
-    Forward folds the per-channel scale and shift into the weight and bias before the GEMM / convolution (a pass over
-    the weight instead of one over the output). Backward gets the input gradient from the same folded weight (so
-    ``grad * scale`` is never formed either), and the scale / shift gradients from the kept output ``y`` as in
-    ``_ScaleShiftSaveOutput``: ``shift' = sum(g)``, ``scale' = (sum(g * y) - shift * sum(g)) / scale``, reduced over
-    every axis but the channel axis, accumulated in at least float32.
+    ``fold=True`` (float32): ``y = op(x, scale * W, scale * b + shift)``, the scale and shift folded into the weight
+    and bias before the GEMM / convolution (a pass over the weight instead of one over the output); backward takes
+    the input gradient from the same folded weight (or scales the gradient, whichever is smaller).
 
-    Under autocast the inputs are cast to the autocast dtype here (as autocast would), and the cast folded weight is
-    kept for backward, exactly as autocast keeps the cast weight of a frozen op; in float32 nothing weight-sized is
-    kept and backward refolds the weight (or scales the gradient, whichever is smaller).
+    ``fold=False`` (half precision): ``y = scale * op(x, W, b) + shift``, rounded exactly as the naive op rounds it
+    (``scale * W`` rounded to bf16 is not ``scale * (W x)`` rounded, and the long differential search found a ReLU
+    downstream flipping on that difference); backward gives ``g * scale`` to the op's input gradient, as autograd
+    does for the naive op. Under autocast the weight is cast as autocast casts it and that copy is kept for backward,
+    as autocast keeps it for a frozen op.
+
+    Either way the scale / shift gradients come from the kept output as in ``_ScaleShiftSaveOutput``:
+    ``shift' = sum(g)``, ``scale' = (sum(g * y) - shift * sum(g)) / scale``, reduced over every axis but the channel
+    axis, accumulated in at least float32. The frozen op itself would keep its input; this keeps ``y`` instead, which
+    the next op usually keeps anyway.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, site, mode):  # type: ignore[override]
-        dtype = weight.dtype
-        scale_w = scale if scale.dtype == dtype else scale.to(dtype)
-        low = _low_precision(x.device.type)
-        if low is not None and dtype != low:  # fold, then cast as autocast would cast the weight
-            # (bit-identical to a mixed-dtype ``torch.mul(..., out=<bf16>)``, which takes 3x longer on the CPU)
-            w = (weight * scale_w.view(site.weight_shape)).to(low)
+    def forward(ctx, x, weight, bias, scale, shift, site, mode, fold):  # type: ignore[override]
+        kept_w = None
+        if fold:
+            s = scale.to(weight.dtype)
+            w = weight * s.view(site.weight_shape)
+            t = shift.to(weight.dtype) if shift is not None else None
+            b = None
+            if bias is not None:
+                b = bias * s if t is None else torch.addcmul(t, bias, s)
+            elif t is not None:
+                b = t
+            y = site.run(x, w, b)
         else:
-            w = weight * scale_w.view(site.weight_shape)
-        b = None
-        if bias is not None:
-            if shift is None:
-                b = bias * scale_w
-            else:
-                b = torch.addcmul(shift if shift.dtype == dtype else shift.to(dtype), bias, scale_w)
-        elif shift is not None:
-            b = shift if shift.dtype == dtype else shift.to(dtype)
-        if low is not None and dtype != low and b is not None:
-            b = b.to(low)
-        y = site.run(x, w, b)  # under autocast the op casts x; w and b are already in its dtype
+            low = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            w, b = weight, bias
+            if low is not None and weight.dtype != low:  # cast as autocast would (it casts x itself)
+                w = kept_w = weight.to(low)
+                b = bias.to(low) if bias is not None else None
+            h = site.run(x, w, b)
+            s = scale.to(h.dtype).view(site.out_shape(h.dim()))
+            y = h * s if shift is None else torch.addcmul(shift.to(h.dtype).view(s.shape), h, s)
         if y._is_view():  # F.linear on N-D input returns a view; autograd forbids in-place ops on a Function's views
             y = y.detach()
-        ctx.site, ctx.has_shift, ctx.x_shape = site, shift is not None, x.shape
+        ctx.site, ctx.has_shift, ctx.x_shape, ctx.fold = site, shift is not None, x.shape, fold
         ctx.kept = KeptOutput(y) if mode is not None else None
-        kept_w = w if low is not None else None  # autocast keeps its cast weight for backward too
         ctx.save_for_backward(None if mode is not None else y, weight, kept_w, scale, shift)
         ctx.out_version = _version_of(y)
         return y
@@ -263,8 +261,9 @@ class _FoldedScaleShift(torch.autograd.Function):
         site = ctx.site
         grad_x = grad_scale = grad_shift = None
         if ctx.needs_input_grad[0]:
-            if kept_w is not None:
-                grad_x = site.input_grad(g, kept_w, ctx.x_shape)
+            if not ctx.fold:  # as autograd differentiates the naive op: g * scale, then the op's input gradient
+                w = kept_w if kept_w is not None else weight
+                grad_x = site.input_grad(g * scale.to(g.dtype).view(site.out_shape(g.dim())), w, ctx.x_shape)
             elif weight.numel() <= g.numel():
                 grad_x = site.input_grad(g, weight * scale.to(weight.dtype).view(site.weight_shape), ctx.x_shape)
             else:
@@ -276,7 +275,7 @@ class _FoldedScaleShift(torch.autograd.Function):
             grad_scale, gsum = _scale_shift_grads(g, out, scale, shift, site.reduce_dims(g.dim()), need_scale)
             if need_shift:
                 grad_shift = gsum.to(shift.dtype)
-        return grad_x, None, None, grad_scale, grad_shift, None, None
+        return grad_x, None, None, grad_scale, grad_shift, None, None, None
 
 
 class FoldSite:
@@ -329,15 +328,17 @@ def folded_scale_shift(
     shift: Optional[torch.Tensor],
     mode: Optional[ResidualPairing] = None,
     owner: object = None,
+    fold: bool = True,
 ) -> torch.Tensor:
-    """SSF on a frozen Linear / Conv with the scale and shift folded into its weight (see ``_FoldedScaleShift``).
+    """SSF on a frozen Linear / Conv keeping only its output (see ``_FoldedScaleShift``); ``fold``: fold scale and
+    shift into the weight (float32), else run the op first and round as the naive op does (half precision).
 
-    Same values as ``scale_shift_naive(op(x), scale, shift)`` up to rounding, same gradients as the naive op for
-    ``x``, ``scale`` and ``shift``. Requires every ``|scale| >= RECONSTRUCT_MIN_SCALE`` (the caller checks);
-    ``scale`` / ``shift`` are the raw ``[C]`` parameters.
+    Same values as ``scale_shift_naive(op(x), scale, shift)`` (up to rounding with ``fold``, bit for bit without),
+    same gradients as the naive op for ``x``, ``scale`` and ``shift``. Requires every
+    ``|scale| >= RECONSTRUCT_MIN_SCALE`` (the caller checks); ``scale`` / ``shift`` are the raw ``[C]`` parameters.
     """
     m = site.module
-    y = _FoldedScaleShift.apply(x, m.weight, m.bias, scale, shift, site, mode)
+    y = _FoldedScaleShift.apply(x, m.weight, m.bias, scale, shift, site, mode, fold)
     if mode is not None and y.grad_fn is not None:
         kept = getattr(y.grad_fn, "kept", None)
         if kept is not None:
@@ -345,54 +346,51 @@ def folded_scale_shift(
     return y
 
 
-# ----- SSF folded into a half-precision LayerNorm ----------------------------------------------------------------
-class _FoldedLayerNorm(torch.autograd.Function):
-    """``LayerNorm(x; weight * scale, bias * scale + shift)`` for a half-precision (bf16 / fp16) model.
+# ----- SSF after a half-precision LayerNorm -----------------------------------------------------------------------
+class _LayerNormScaleShift(torch.autograd.Function):
+    """``scale * LayerNorm(x) + shift`` for a frozen LayerNorm whose kernel runs in half precision (bf16 / fp16).
 
-    Folding SSF into the norm's affine parameters keeps nothing beyond what the norm keeps anyway. But the CPU
-    LayerNorm backward computes its parameter gradients in half precision with errors of about 2% (a plain sum of the
-    same gradient is 0.2%), so backward here takes only the input gradient from the norm's kernel and computes the
-    parameter sums itself with a float32 accumulator, from ``x``, ``mean`` and ``rstd`` that the norm keeps anyway.
+    Forward runs the norm's kernel, then the SSF op, in the activation dtype: the output is the naive op's bit for
+    bit (folding SSF into the norm's weight rounds differently, enough to flip a ReLU downstream). Only what the norm
+    keeps anyway is kept (``x``, or nothing when ``rebuild`` rebuilds it from the residual add, plus ``mean`` and
+    ``rstd``), not the norm's output: backward gives ``g * scale`` to the norm's input-gradient kernel, as autograd
+    does for the naive op, and computes the parameter gradients itself from ``xhat = (x - mean) * rstd`` with float32
+    sums: the CPU kernel's half-precision parameter sums are 2% off over a few hundred tokens and up to a third off
+    over a Swin-B stage (against float64). A trainable norm weight / bias (BitFit-style) gets the same sums.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, normalized_shape, eps, rebuild):  # type: ignore[override]
-        s = scale.to(weight.dtype)
-        w = weight * s
-        b = None
-        if bias is not None:
-            b = bias * s if shift is None else bias * s + shift.to(bias.dtype)
-        elif shift is not None:
-            b = shift.to(weight.dtype)
-        y, mean, rstd = torch.native_layer_norm(x, normalized_shape, w, b, eps)
+        h, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        s = scale.to(h.dtype)
+        y = h * s if shift is None else torch.addcmul(shift.to(h.dtype), h, s)
         ctx.normalized_shape, ctx.has_shift, ctx.rebuild = normalized_shape, shift is not None, rebuild
-        ctx.save_for_backward(None if rebuild is not None else x, mean, rstd, w, b, weight, bias, scale)
+        ctx.save_for_backward(None if rebuild is not None else x, mean, rstd, weight, bias, scale)
         return y
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):  # type: ignore[override]
         _refuse_higher_order()
-        x, mean, rstd, w, b, weight, bias, scale = _saved(ctx)
+        x, mean, rstd, weight, bias, scale = _saved(ctx)
         if ctx.rebuild is not None:
             x = ctx.rebuild.input()
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.native_layer_norm_backward(
-                g, x, ctx.normalized_shape, mean, rstd, w, b, [True, False, False]
+                g * scale.to(g.dtype), x, ctx.normalized_shape, mean, rstd, weight, bias, [True, False, False]
             )[0]
         need_weight, need_bias = ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         need_scale, need_shift = ctx.needs_input_grad[3], ctx.has_shift and ctx.needs_input_grad[4]
         grad_weight = grad_bias = grad_scale = grad_shift = None
         if need_weight or need_bias or need_scale or need_shift:
-            # a trainable norm weight / bias (BitFit-style) gets the same float32 sums, times the scale it is folded by
             dims = list(range(g.dim() - len(ctx.normalized_shape)))
             g32 = g.float()
-            gb = g32.sum(dims)
+            gb = g32.sum(dims)  # sum(g): the shift's gradient; times scale, the norm bias's
             grad_shift = gb.to(scale.dtype) if need_shift else None
             grad_bias = (gb * scale.float()).to(bias.dtype) if need_bias else None
             if need_scale or need_weight:
                 xhat = (x.float() - mean.float()) * rstd.float()
-                gw = (g32 * xhat).sum(dims)
+                gw = (g32 * xhat).sum(dims)  # sum(g * xhat); the norm output is xhat * weight + bias
                 if need_weight:
                     grad_weight = (gw * scale.float()).to(weight.dtype)
                 if need_scale:
@@ -401,17 +399,18 @@ class _FoldedLayerNorm(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, grad_scale, grad_shift, None, None, None
 
 
-def folded_layer_norm(
+def layer_norm_scale_shift(
     x: torch.Tensor,
     norm: torch.nn.LayerNorm,
     scale: torch.Tensor,
     shift: Optional[torch.Tensor],
     rebuild: Optional[RebuiltInput] = None,
 ) -> torch.Tensor:
-    """SSF folded into a frozen ``nn.LayerNorm`` on half-precision input, with float32-accurate parameter gradients.
+    """SSF after a frozen ``nn.LayerNorm`` on half-precision input (see ``_LayerNormScaleShift``): the naive op's
+    output, float32-accurate parameter gradients, nothing kept beyond the norm's own.
 
     With ``rebuild`` (a half-precision residual stream, see ``residual.RebuiltInput``) the input is not kept but
     rebuilt in backward from the residual add's operands, which other ops keep anyway."""
-    return _FoldedLayerNorm.apply(
+    return _LayerNormScaleShift.apply(
         x, norm.weight, norm.bias, scale, shift, tuple(norm.normalized_shape), norm.eps, rebuild
     )

@@ -13,14 +13,15 @@ difference or an error that does not say what went wrong. ``tests/test_different
 and ``scripts/differential_search.py`` runs a long search.
 
 Tolerance: in float32 the largest absolute difference must be within ``rtol * max|naive| + atol`` with
-``rtol = 1e-4``. In bfloat16 (model or autocast) both ops are compared with a float64 naive run: the fused op may be
-at most twice as far from it as the naive op, plus ``1e-2`` of the largest value (the ops round in different
-orders, and the fused one accumulates some gradients in float32), plus one bfloat16 rounding step (2**-8) of the
-largest gradient in the model. That last term is the fused op's own rounding: it keeps the site's output
-``y = h * scale + shift`` in bfloat16 and takes the scale gradient as ``(sum(g * y) - shift * sum(g)) / scale``,
-so where the shift dominates ``y`` the two sums cancel and a scale gradient much smaller than the model's others
-is off by about ``2**-8 * sum|g * y| / scale`` (measured: 2e-5 on a gradient of 5e-5 whose model's largest is 1e-2).
-The bugs this hunts are 10% to 100% off.
+``rtol = 1e-4``. In half precision (a bfloat16 model or bfloat16 autocast) the fused op's forward must round as the
+naive one does, so outputs are compared bit for bit (a folded weight used to round differently and flip a ReLU
+downstream); gradients are compared with a float64 naive run: the fused op may be at most twice as far from it as
+the naive op, plus ``1e-2`` of the largest value (the fused op sums its parameter gradients in float32, the naive
+one in the kernels' own orders), plus one bfloat16 rounding step (2**-8) of the largest gradient in the model. That
+last term is the fused op's own rounding: it keeps the site's output ``y = h * scale + shift`` in bfloat16 and takes
+the scale gradient as ``(sum(g * y) - shift * sum(g)) / scale``, so where the shift dominates ``y`` the two sums
+cancel and a scale gradient much smaller than the model's others is off by about ``2**-8 * sum|g * y| / scale``
+(measured: 2e-5 on a gradient of 5e-5 whose model's largest is 1e-2). The bugs this hunts are 10% to 100% off.
 """
 
 from __future__ import annotations
@@ -292,6 +293,10 @@ def check(spec: dict[str, Any]) -> str:
                     raise Mismatch(f"fused training failed without naming SSF: {exc!r}") from exc
                 return _refused("fused training", exc)
             outs.append(out)
+        if half and not torch.equal(outs[1], outs[0]):  # half precision: the fused forward rounds as the naive one
+            diff = (outs[1].double() - outs[0].double()).abs().max().item()
+            raise Mismatch(f"step {step} output: fused differs from naive in half precision (max {diff:.3g}); "
+                           "its forward must be the naive op's bit for bit")
         _compare(f"step {step} output", outs[1], outs[0], outs[2] if half else None, rtol)
         grads = [dict(m.named_parameters()) for m in models]
         # gradients that are zero up to rounding (a shift softmax ignores) are compared against the largest one

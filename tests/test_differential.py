@@ -55,3 +55,30 @@ def test_known_shapes(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert check(spec) in ("passed", "refused")
+
+
+#: the two graphs the 400-example long search still failed on (half precision): a folded conv's output rounded
+#: differently from the naive op's and flipped a ReLU downstream (A), and a bf16 model's folded weights (B)
+LONG_SEARCH_SPECS = [
+    {"domain": "img", "blocks": [{"kind": "residual", "sites": ["conv_nobias", "gn", "gn"], "act": "relu",
+                                  "site_inplace": False, "stream_inplace": True, "layer_scale": "none",
+                                  "dropout": 0.0, "view": "permute"}],
+     "tie": False, "target_tied": False, "container_head": False, "train_norm_bias": True, "precision": "autocast",
+     "checkpoint": False},
+    {"domain": "seq", "blocks": [
+        {"kind": "plain", "sites": ["linear", "linear_nobias"], "act": "gelu", "site_inplace": False,
+         "stream_inplace": False, "layer_scale": "none", "dropout": 0.0, "view": "permute"},
+        {"kind": "residual", "sites": ["linear_nobias", "linear_nobias"], "act": "none", "site_inplace": False,
+         "stream_inplace": True, "layer_scale": "frozen", "dropout": 0.0, "view": "permute"},
+        {"kind": "plain", "sites": ["ln"], "act": "relu_inplace", "site_inplace": False, "stream_inplace": False,
+         "layer_scale": "trainable", "dropout": 0.0, "view": "roll"}],
+     "tie": False, "target_tied": False, "container_head": True, "train_norm_bias": True, "precision": "bf16",
+     "checkpoint": False},
+]
+
+
+@pytest.mark.parametrize("spec", LONG_SEARCH_SPECS, ids=["autocast-conv-relu", "bf16-model-linears"])
+def test_long_search_half_precision_shapes(spec):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert check(spec) == "passed"

@@ -510,7 +510,7 @@ def test_fused_gradients_are_as_accurate_as_naive_in_half_precision(family, mode
 
 
 def test_half_precision_layernorm_parameter_gradients_are_float32_accurate():
-    from peft_ssf.ops import folded_layer_norm
+    from peft_ssf.ops import layer_norm_scale_shift
 
     torch.manual_seed(0)
     norm = nn.LayerNorm(64).requires_grad_(False)
@@ -522,7 +522,7 @@ def test_half_precision_layernorm_parameter_gradients_are_float32_accurate():
     g = torch.randn(8, 33, 64).bfloat16()
     scale = (1 + 0.1 * torch.randn(64)).requires_grad_()
     shift = (0.1 * torch.randn(64)).requires_grad_()
-    folded_layer_norm(x, norm, scale, shift).backward(g)
+    layer_norm_scale_shift(x, norm, scale, shift).backward(g)
     # float64 reference of the same computation
     x64 = x.detach().double().requires_grad_()
     s64, t64 = scale.detach().double().requires_grad_(), shift.detach().double().requires_grad_()

@@ -216,3 +216,75 @@ def test_inference_fold_runs_the_accelerate_hook():
         got = peft(x)
         expected = layer.base_layer(x) * layer.ssf_scale["default"] + layer.ssf_shift["default"]
     torch.testing.assert_close(got, expected)
+
+
+class _HalfNet(nn.Module):
+    """Every site type SSF folds during training, each followed by a ReLU (a rounding difference flips it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.cf_norm = ConvNextLayerNorm(16, data_format="channels_first")
+        self.gn = nn.GroupNorm(4, 16)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 16)
+        self.ln = nn.LayerNorm(16)
+        self.fc2 = nn.Linear(16, 16)
+        self.ln2 = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        h = torch.relu(self.bn(torch.relu(self.gn(torch.relu(self.cf_norm(h))))))
+        h = torch.relu(self.ln(torch.relu(self.fc(h.permute(0, 2, 3, 1)))))
+        h = h + self.fc2(h)  # a residual add: in a training forward the norm after it may rebuild its input
+        return self.head(torch.relu(self.ln2(h)))
+
+
+@pytest.mark.parametrize("precision", ["bf16-model", "bf16-autocast", "fp16-model"])
+def test_half_precision_forward_and_input_gradients_are_the_naive_ops_bit_for_bit(precision):
+    """In half precision the fused op may not round a site's output differently from ``fused=False``: a weight with
+    SSF folded in (``scale * W`` rounded, then the GEMM / the norm) did, and a ReLU downstream flipped on the
+    difference (the long differential search's two failures). Outputs and input gradients must be bit-identical;
+    only the scale / shift gradients come from the fused op's own (float32) sums."""
+    torch.manual_seed(0)
+    base = _HalfNet()
+    for norm in (base.cf_norm, base.gn, base.bn, base.ln, base.ln2):  # affine parameters away from (1, 0)
+        nn.init.normal_(norm.weight, 1.0, 0.2)
+        nn.init.normal_(norm.bias, 0.0, 0.2)
+    dtype = torch.float16 if precision == "fp16-model" else torch.bfloat16
+    if precision.endswith("model"):
+        base = base.to(dtype)
+    targets = ["conv", "cf_norm", "gn", "bn", "fc", "ln", "fc2", "ln2"]
+    fused, naive = _pair(base, target_modules=targets)
+    x = torch.randn(4, 3, 8, 8, dtype=dtype if precision.endswith("model") else torch.float32)
+    outs, grads = [], []
+    for model in (fused, naive):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+            out = model(xi)
+        out.float().square().mean().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+    for (name, p), q in zip(fused.named_parameters(), naive.parameters()):
+        if p.requires_grad:
+            tol = 2.0**-6 * q.grad.abs().max().item() + 1e-6
+            assert (p.grad.float() - q.grad.float()).abs().max().item() <= tol, name
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn"])
+def test_half_precision_norm_then_in_place_relu_trains_like_the_naive_op(norm):
+    """A bf16 ResNet-style block (conv -> BatchNorm / GroupNorm -> ReLU(inplace=True)) with SSF on the norm: the
+    fused op keeps the norm's output, as the naive op does, so the in-place activation is not refused."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8) if norm == "bn" else nn.GroupNorm(2, 8),
+                         nn.ReLU(inplace=True), nn.Conv2d(8, 4, 1)).to(torch.bfloat16)
+    fused, naive = _pair(base, target_modules=["1"])
+    x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+    for model in (fused, naive):
+        model(x).float().square().mean().backward()
+    for (name, p), q in zip(fused.named_parameters(), naive.parameters()):
+        if p.requires_grad:
+            assert torch.equal(p.grad, q.grad), name

@@ -433,7 +433,7 @@ def test_a_norm_input_changed_in_place_after_the_add_is_kept():
 
 
 def test_in_place_change_of_a_rebuild_anchor_is_an_error_not_a_wrong_gradient():
-    from peft_ssf.ops import folded_layer_norm
+    from peft_ssf.ops import layer_norm_scale_shift
 
     norm = torch.nn.LayerNorm(4).requires_grad_(False).to(torch.bfloat16)
     scale, shift = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
@@ -442,7 +442,7 @@ def test_in_place_change_of_a_rebuild_anchor_is_an_error_not_a_wrong_gradient():
         mode.norm_input(r, True)
         z = r + _bf16_site(mode)
         recipe = mode.norm_input(z, True)
-        out = folded_layer_norm(z, norm, scale, shift, recipe)
+        out = layer_norm_scale_shift(z, norm, scale, shift, recipe)
     with torch.no_grad():
         r.mul_(2.0)
     with pytest.raises(RuntimeError, match="pair_residuals=False"):
