@@ -4,7 +4,12 @@ For each architecture: ``get_peft_model`` with the preset (``"paper"`` where the
 one training step with the default op and with ``fused=False`` (every trainable parameter's gradient compared),
 merge equality, and a save / reload in a new process. ``--write-docs`` writes docs/architectures.md.
 
-    python scripts/sweep_architectures.py [--only gpt2,t5] [--write-docs]
+``--half`` checks half precision instead: each architecture as a bf16 model and under CPU bf16 autocast, one
+training step with the default op and with ``fused=False``; the outputs and the input gradient must be identical bit
+for bit (the fused op rounds exactly as the naive one) and every gradient within the differential test's
+half-precision tolerance of a float64 run (``sweep_half``).
+
+    python scripts/sweep_architectures.py [--only gpt2,t5] [--write-docs] [--half]
 """
 
 from __future__ import annotations
@@ -198,6 +203,88 @@ def sweep_one(name: str, reload: bool = True, placement: str | None = None) -> d
     return row
 
 
+def _input_embeddings(model: torch.nn.Module) -> torch.nn.Module | None:
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:  # CLIP: two towers, no single input embedding
+        return None
+
+
+def _catch_grad(caught: list[torch.Tensor]) -> Any:
+    """A forward hook that records the gradient reaching a module's output (and leaves the output alone)."""
+    def hook(module: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(caught.append)
+    return hook
+
+
+def sweep_half(name: str, precision: str) -> dict[str, Any]:
+    """Half precision (``"bf16-model"`` / ``"bf16-autocast"``): the default op's outputs and the gradient reaching
+    the pixels / the embeddings' output (where it has one) equal ``fused=False``'s bit for bit (a float32 one, under
+    autocast, up to the order autograd sums branch contributions in: 1e-5 of its largest value), and every parameter
+    gradient passes tests/differential.py's half-precision tolerance against a float64 naive run: no further from
+    it than twice the naive op's error, plus 1e-2 of the tensor's largest value, plus 2**-8 of the model's largest
+    gradient (the fused op takes a scale gradient from its kept bf16 output; where the shift dominates that output
+    the rounding of a small scale gradient is far above the naive op's)."""
+    row: dict[str, Any] = {"arch": name, "precision": precision}
+    x = inputs(name)
+    model_dtype = torch.bfloat16 if precision == "bf16-model" else torch.float32
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fused = get_peft_model(build(name).to(model_dtype), config_for(name))
+            naive = get_peft_model(build(name).to(model_dtype), config_for(name, fused=False))
+            ref = get_peft_model(build(name).to(model_dtype), config_for(name, fused=False))
+    except (ValueError, TypeError) as exc:
+        row["result"] = f"refused: {str(exc)[:120]}"
+        return row
+    naive.load_state_dict(fused.state_dict())
+    ref.load_state_dict(fused.state_dict())
+    ref.double()
+    try:
+        outs, seen, grads = [], [], []
+        for model in (fused, naive, ref):
+            model.train()
+            dtype = torch.float64 if model is ref else model_dtype
+            embed = _input_embeddings(model) if "input_ids" in x else None
+            caught: list[torch.Tensor] = []
+            hook = embed.register_forward_hook(_catch_grad(caught)) if embed is not None else None
+            xi = {k: (v.detach().to(dtype).clone().requires_grad_(True) if k == "pixel_values" else v)
+                  for k, v in x.items()}
+            torch.manual_seed(0)
+            autocast = precision == "bf16-autocast" and model is not ref
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(**xi)
+            _loss(out).double().backward()
+            if hook is not None:
+                hook.remove()
+            outs.append(_logits(out).detach())
+            seen.append(xi["pixel_values"].grad if "pixel_values" in xi else (caught[-1] if caught else None))
+            grads.append({n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None})
+        if not torch.equal(outs[0], outs[1]):
+            raise AssertionError(f"outputs differ by {(outs[0].float() - outs[1].float()).abs().max():.3g}")
+        if (seen[0] is None) != (seen[1] is None):
+            raise AssertionError("the input gradient is None in one op only")
+        if seen[0] is not None and not torch.equal(seen[0], seen[1]):
+            # a float32 gradient (autocast keeps the stream in float32) may differ in the order autograd sums the
+            # branches' contributions (a custom node vs several plain ones): float32 rounding, not a bf16 step
+            diff = (seen[0].double() - seen[1].double()).abs().max().item()
+            if seen[0].dtype != torch.float32 or diff > 1e-5 * seen[1].abs().max().item():
+                raise AssertionError(f"the input gradient differs by {diff:.3g} (max {seen[1].abs().max():.3g})")
+        if set(grads[0]) != set(grads[1]):
+            raise AssertionError("the two ops give gradients to different parameters")
+        largest = max(g.abs().max().item() for g in grads[1].values())
+        for pname, g in grads[0].items():
+            want = grads[2][pname]
+            err_fused, err_naive = (g - want).abs().max().item(), (grads[1][pname] - want).abs().max().item()
+            if err_fused > 2 * err_naive + 1e-2 * want.abs().max().item() + 2.0**-8 * largest + 1e-9:
+                raise AssertionError(f"{pname}: fused is {err_fused:.3g} from float64, naive {err_naive:.3g}")
+        row["result"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - every failure is a row of the table
+        row["result"] = f"FAILED: {type(exc).__name__}: {str(exc)[:160]}"
+    return row
+
+
 def _reload_in_subprocess(name: str, folder: str, expected: torch.Tensor) -> None:
     code = (
         "import sys, torch, warnings; warnings.simplefilter('ignore'); sys.path.insert(0, sys.argv[1]);"
@@ -226,6 +313,10 @@ def write_docs(rows: list[dict[str, Any]]) -> None:
     ]
     for r in rows:
         lines.append(f"| {r['arch']} | {r.get('preset', '-')} | {r['sites']} | {r['params']} | {r['result']} |")
+    lines += ["", "Half precision: `python scripts/sweep_architectures.py --half` runs every architecture above as a "
+              "bf16 model and under CPU bf16 autocast (its preset): outputs and the input gradient must be "
+              "bit-identical to `fused=False`, every parameter gradient within tests/differential.py's tolerance of a "
+              "float64 run."]
     (ROOT / "docs" / "architectures.md").write_text("\n".join(lines) + "\n")
 
 
@@ -233,9 +324,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--half", action="store_true", help="bf16 model and bf16 autocast: bit-identical forward")
     args = parser.parse_args()
     names = [n for n in ARCHS if not args.only or n in args.only.split(",")]
     rows = []
+    if args.half:
+        for name in names:
+            for precision in ("bf16-model", "bf16-autocast"):
+                rows.append(sweep_half(name, precision))
+                print(json.dumps(rows[-1]), flush=True)
+        counts = {k: sum(r["result"].startswith(k) for r in rows) for k in ("ok", "refused", "FAILED")}
+        print(f"architectures={len(names)} runs={len(rows)} " + " ".join(f"{k}={v}" for k, v in counts.items()))
+        return 1 if counts["FAILED"] else 0
     for name in names:
         placements = [None] + (["all"] if build(name).config.model_type in PAPER_ROLES else [])
         for placement in placements:  # the model type's preset, and "all" as well where that is a different one

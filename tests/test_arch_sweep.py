@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from sweep_architectures import ARCHS, CI_RELOAD, sweep_one  # noqa: E402
+from sweep_architectures import ARCHS, CI_RELOAD, sweep_half, sweep_one  # noqa: E402
 
 
 def test_sweep_covers_the_families():
@@ -39,3 +39,14 @@ def test_architecture_all_preset(name):
         paper, everything = sweep_one(name, reload=False), sweep_one(name, reload=False, placement="all")
     assert everything["result"] == "ok", everything
     assert everything["sites"] > paper["sites"]
+
+
+@pytest.mark.parametrize("precision", ["bf16-model", "bf16-autocast"])
+@pytest.mark.parametrize("name", ["vit", "swin", "convnext", "resnet", "bert", "gpt2", "llama", "t5"])
+def test_architecture_in_half_precision(name, precision):
+    """Half precision: outputs and input gradient bit-identical to ``fused=False``, parameter gradients within the
+    differential test's tolerance of a float64 run (``python scripts/sweep_architectures.py --half`` runs all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = sweep_half(name, precision)
+    assert row["result"] == "ok", row
